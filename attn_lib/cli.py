@@ -1,0 +1,110 @@
+"""``python -m attn_lib``: train a model, or benchmark the pipelines and the modules.
+
+    python -m attn_lib train --dataset cifar10 --model resnet18 --attention se --out runs/se
+    python -m attn_lib train --dataset synthetic --epochs 2 --device cpu --out runs/x
+    python -m attn_lib bench train
+    python -m attn_lib bench modules
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from .registry import available_attentions
+
+
+def _kv(text: str):
+    """``key=value`` with a JSON value where it parses (``reduction=8``, ``cam="official"``)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .models import MODELS
+    from .train import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m attn_lib", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a backbone, with or without attention",
+                       description="Train on CIFAR (or the synthetic stand-in). Writes OUT/history.json "
+                                   "and OUT/checkpoint.pt after every epoch; --resume continues a stopped run "
+                                   "exactly where it left off.")
+    t.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    t.add_argument("--data-dir", default="data", help="where the data is or goes (default: data)")
+    t.add_argument("--no-download", action="store_true", help="fail with a clear message instead of downloading")
+    t.add_argument("--model", choices=sorted(MODELS), default="resnet18")
+    t.add_argument("--attention", choices=available_attentions() + ["triple"], default=None,
+                   help="attention mechanism placed where its paper puts it (default: none)")
+    t.add_argument("--option", "-o", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="model/attention option, repeatable: -o width=32 -o reduction=8")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="fast",
+                   help="seed: the circulating script's 160-epoch recipe; fast: same accuracy, far less time")
+    t.add_argument("--epochs", type=int, help="override the preset's epochs")
+    t.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    t.add_argument("--lr", type=float, help="override the preset's (peak) learning rate")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; slower start)")
+    t.add_argument("--val-size", type=int, help="images held out from training for validation (default 5000)")
+    t.add_argument("--train-subset", type=int, help="train on the first N training images only")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    t.add_argument("--out", required=True, help="output directory for history.json and checkpoint.pt")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    t.add_argument("--stop-after", type=int, metavar="EPOCH", help="stop after this epoch (continue with --resume)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bench", help="measure speed (a benchmark, not a test)",
+                       description="Benchmarks write a JSON results file with the command, commit, device and seed.")
+    b.add_argument("what", choices=["train", "modules"],
+                   help="train: seed vs fast pipeline img/s and MFU; modules: cost of each mechanism")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    b.add_argument("--out", default=None, help="results file (default: printed only)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--compile", action="store_true", help="also measure the fast pipeline under torch.compile")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    command = "python -m attn_lib " + shlex.join(argv)
+    if args.command == "train":
+        from .data import DataNotFoundError
+        from .train import TrainConfig, TrainingDiverged, fit
+
+        options = dict(args.option)
+        try:
+            cfg = TrainConfig.from_preset(
+                args.preset, dataset=args.dataset, data_dir=args.data_dir, download=not args.no_download,
+                model=args.model, attention=args.attention, model_kwargs=options, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, compile=args.compile or None, val_size=args.val_size,
+                train_subset=args.train_subset, seed=args.seed, device=args.device)
+            fit(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after,
+                command=command)
+        except (DataNotFoundError, TrainingDiverged, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2 if isinstance(err, (DataNotFoundError, ValueError)) else 1
+        print(f"wrote {args.out}/history.json and {args.out}/checkpoint.pt")
+        return 0
+    from . import bench
+
+    results = bench.run(args.what, device=args.device, steps=args.steps, seed=args.seed,
+                        compile=args.compile, command=command)
+    text = json.dumps(results, indent=1)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(bench.summary(results))
+    return 0

@@ -1,0 +1,26 @@
+"""Shared fixtures. Everything runs on the CPU, offline; real CIFAR-10 is used only when present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+#: the lossless CIFAR-10 sprites that sit beside the checkout on the course's machines (optional)
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_cifar() -> Path:
+    if not (SHARED_CIFAR / "cifar10_batch_50.png").is_file():
+        pytest.skip("the lossless CIFAR-10 sprites are not beside this checkout")
+    return SHARED_CIFAR
