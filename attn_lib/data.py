@@ -248,3 +248,37 @@ class GPULoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.y[idx]
+
+
+# ----------------------------------------------------------------------------- for the chapters
+def default_data_dir() -> Path:
+    """Where the chapters look for data: ``$ATTN_LIB_DATA_DIR`` if set, else ``data/`` at the root
+    of the course checkout containing the working directory, else ``./data`` (Colab)."""
+    import os
+
+    if os.environ.get("ATTN_LIB_DATA_DIR"):
+        return Path(os.environ["ATTN_LIB_DATA_DIR"])
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").is_file() and (folder / "attn_lib").is_dir():
+            return folder / "data"
+    return Path("data")
+
+
+def cifar10_or_synthetic(split: str = "test", data_dir: str | Path | None = None,
+                         download: bool | None = None) -> ArrayDataset:
+    """CIFAR-10 when it is on disk (or can be downloaded), else the synthetic stand-in, saying so.
+
+    ``download=None`` downloads only in Colab, so that quick mode never waits on the network.
+    """
+    import sys
+
+    data_dir = default_data_dir() if data_dir is None else Path(data_dir)
+    if download is None:
+        download = "google.colab" in sys.modules
+    try:
+        return load_cifar("cifar10", split, data_dir, download=download)
+    except DataNotFoundError:
+        print(f"CIFAR-10 is not in {data_dir} (and was not downloaded): using the synthetic stand-in; "
+              f"the figures below then show stripes, not photographs.")
+        return load_cifar("synthetic", split)

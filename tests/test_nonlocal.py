@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 from torch import nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from attn_lib import create_attention
@@ -36,8 +35,9 @@ def randomise(block: nn.Module, seed: int = 0) -> nn.Module:
             p.copy_(0.5 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
         for module in block.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=generator))
+                n = module.num_features
+                module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
     return block
 
 
@@ -72,7 +72,7 @@ def max_pool(v: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
 
 
 def naive_nonlocal(block: NonLocalBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``z`` and the weights ``f(x_i, x_j) / C(x)`` of Eqs. (1) and (6), for a block in eval mode."""
+    """``z`` and the weights ``f(x_i, x_j) / C(x)`` of Eqs. (1) and (6); block in eval mode."""
     assert not block.training
     kernel = POOL_KERNEL[block.dim]
     pool = (lambda v: max_pool(v, kernel)) if block.sub_sample else (lambda v: v)
@@ -111,7 +111,8 @@ def naive_nonlocal(block: NonLocalBlock, x: torch.Tensor) -> tuple[torch.Tensor,
         if block.bn_layer:
             bn = block.bn
             shape = (-1,) + (1,) * block.dim
-            w_y = (w_y - bn.running_mean.reshape(shape)) / torch.sqrt(bn.running_var.reshape(shape) + bn.eps)
+            mean, var = bn.running_mean.reshape(shape), bn.running_var.reshape(shape)
+            w_y = (w_y - mean) / torch.sqrt(var + bn.eps)
             w_y = w_y * bn.weight.reshape(shape) + bn.bias.reshape(shape)
         outputs.append(w_y + xb)
         maps.append(weights)
@@ -314,7 +315,9 @@ def test_bfloat16_autocast(mode):
         torch.testing.assert_close(attention.sum(-1), torch.ones(2, 36), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dim, memory_format", [(2, torch.channels_last), (3, torch.channels_last_3d)])
+@pytest.mark.parametrize(
+    "dim, memory_format", [(2, torch.channels_last), (3, torch.channels_last_3d)]
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_channels_last_matches_contiguous(mode, dim, memory_format):
     block = make_block(mode, dim)
@@ -351,10 +354,13 @@ def test_video_with_one_frame_works_since_time_is_not_pooled():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"mode": "embedded_gaussian"}, r"expected mode in gaussian, embedded, dot, concat, got 'embedded_gaussian'"),
+        ({"mode": "embedded_gaussian"},
+         r"expected mode in gaussian, embedded, dot, concat, got 'embedded_gaussian'"),
         ({"dim": 4}, r"expected dim 1, 2 or 3, got 4"),
-        ({"implementation": "flash"}, r"expected implementation in auto, explicit, fused, got 'flash'"),
-        ({"mode": "concat", "implementation": "fused"}, r"expected implementation 'auto' or 'explicit' for mode 'concat'.*got 'fused'"),
+        ({"implementation": "flash"},
+         r"expected implementation in auto, explicit, fused, got 'flash'"),
+        ({"mode": "concat", "implementation": "fused"},
+         r"expected implementation 'auto' or 'explicit' for mode 'concat'.*got 'fused'"),
         ({"mode": "concat", "scale": True}, r"expected scale=False for mode 'concat'.*got True"),
         ({"inter_channels": 0}, r"expected inter_channels to be a positive integer, got 0"),
     ],
@@ -377,9 +383,12 @@ def test_one_channel_leaves_no_inter_channels():
         (1, (2, 8, 4, 4), r"expected a \[B, C, T\] tensor, got shape \[2, 8, 4, 4\]"),
         (3, (2, 8, 4, 4), r"expected a \[B, C, T, H, W\] tensor, got shape \[2, 8, 4, 4\]"),
         (2, (2, 6, 4, 4), r"expected 8 channels \(dim 1\), got 6"),
-        (2, (2, 8, 1, 4), r"sub_sample max-pools H, W by 2, expected each of them >= 2, got shape \[2, 8, 1, 4\]"),
-        (3, (2, 8, 4, 4, 1), r"sub_sample max-pools H, W by 2, expected each of them >= 2, got shape \[2, 8, 4, 4, 1\]"),
-        (1, (2, 8, 1), r"sub_sample max-pools T by 2, expected each of them >= 2, got shape \[2, 8, 1\]"),
+        (2, (2, 8, 1, 4),
+         r"sub_sample max-pools H, W by 2, expected each of them >= 2, got shape \[2, 8, 1, 4\]"),
+        (3, (2, 8, 4, 4, 1),
+         r"max-pools H, W by 2, expected each of them >= 2, got shape \[2, 8, 4, 4, 1\]"),
+        (1, (2, 8, 1),
+         r"sub_sample max-pools T by 2, expected each of them >= 2, got shape \[2, 8, 1\]"),
     ],
 )
 def test_forward_rejects_bad_input(dim, shape, match):
@@ -406,7 +415,9 @@ class SeedStyleNonLocal(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.inter = channels // 2
-        self.theta, self.phi, self.g = (nn.Conv2d(channels, self.inter, 1, bias=False) for _ in range(3))
+        self.theta, self.phi, self.g = (
+            nn.Conv2d(channels, self.inter, 1, bias=False) for _ in range(3)
+        )
         self.mask = nn.Conv2d(self.inter, channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -506,7 +517,8 @@ def test_parameter_count_for_256_channels():
 def test_defaults_are_the_papers():
     block = create_attention("nonlocal", 64)
     assert isinstance(block, NonLocalBlock)
-    assert (block.mode, block.dim, block.sub_sample, block.bn_layer, block.scale) == ("embedded", 2, True, True, False)
+    settings = (block.mode, block.dim, block.sub_sample, block.bn_layer, block.scale)
+    assert settings == ("embedded", 2, True, True, False)
     assert block.inter_channels == 32
     assert isinstance(block.pool, nn.MaxPool2d) and isinstance(block.bn, nn.BatchNorm2d)
 
@@ -530,10 +542,11 @@ def test_timm_non_local_attn_with_copied_weights():
 
         theirs_scaled = timm_layers.NonLocalAttn(c, use_scale=True, rd_channels=d).eval()
         theirs_scaled.load_state_dict(theirs.state_dict())
-        ours_scaled = randomise(NonLocalBlock(c, sub_sample=False, inter_channels=d, scale=True)).eval()
+        ours_scaled = NonLocalBlock(c, sub_sample=False, inter_channels=d, scale=True).eval()
         ours_scaled.load_state_dict(ours.state_dict())
         assert not torch.allclose(ours_scaled(x), theirs_scaled(x), atol=1e-4)
         # timm's 1/sqrt(C) is ours 1/sqrt(d) with θ multiplied by sqrt(d / C).
         ours_scaled.theta.weight.mul_(math.sqrt(d / c))
         ours_scaled.theta.bias.mul_(math.sqrt(d / c))
         torch.testing.assert_close(ours_scaled(x), theirs_scaled(x))
+

@@ -124,9 +124,9 @@ class PositionAttention(nn.Module):
         ``[B, N, N]`` when asked (else ``None``). Does not validate ``x``: call :meth:`forward`."""
         batch, channels, height, width = x.shape
         # Positions as a sequence, [B, N, channels], the layout attention kernels expect.
-        query = self.query(x).flatten(2).transpose(1, 2)
-        key = self.key(x).flatten(2).transpose(1, 2)
-        value = self.value(x).flatten(2).transpose(1, 2)
+        query = self.query(x).flatten(2).transpose(1, 2).contiguous()
+        key = self.key(x).flatten(2).transpose(1, 2).contiguous()
+        value = self.value(x).flatten(2).transpose(1, 2).contiguous()
         attention = None
         if return_attention or self.implementation == "explicit":
             attention = _softmax_float32(query @ key.transpose(1, 2))

@@ -100,6 +100,8 @@ class NonLocalBlock(nn.Module):
       identity and the two orders agree for φ.
     * Biases: θ, φ, g and W_z have biases, as in the official code (``NO_BIAS = False``); W_z's
       bias is redundant when batch norm follows, but kept so that weights port both ways.
+    * W_z is stored as a 1x1 convolution (weights port to and from other implementations) but
+      applied as the matrix it is (see ``forward`` for why).
     * Initialisation: with ``bn_layer=True`` the batch norm's γ and β start at 0 (the paper
       initialises γ to 0); without it, W_z's weight and bias start at 0. Either way the block
       starts as the identity, ``z = x``. θ, φ, g, w_f keep PyTorch's default initialisation
@@ -127,7 +129,7 @@ class NonLocalBlock(nn.Module):
     Shapes (``S`` the spatial axes, ``N = prod(S)``, ``N'`` after sub-sampling):
         * ``x``: ``[B, C, *S]``: ``[B, C, T]``, ``[B, C, H, W]`` or ``[B, C, T, H, W]``
         * θ: ``[B, N, d]`` (``[B, N, C]`` for gaussian); φ: ``[B, N', d]`` (``[B, N', C]``);
-          g: ``[B, N', d]``; y: ``[B, N, d]``, reshaped to ``[B, d, *S]`` for W_z
+          g: ``[B, N', d]``; y: ``[B, N, d]``; W_z y: ``[B, C, N]``, viewed as ``[B, C, *S]``
         * output ``z``: ``[B, C, *S]``
         * attention (with ``return_attention=True``): ``[B, N, N']``, the weights
           :math:`f(x_i, \hat{x}_j) / \mathcal{C}(x)` that were applied, ``y = attention @ g``;
@@ -164,7 +166,8 @@ class NonLocalBlock(nn.Module):
             raise ValueError(f"{name}: expected dim 1, 2 or 3, got {dim!r}")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(
-                f"{name}: expected implementation in {', '.join(IMPLEMENTATIONS)}, got {implementation!r}"
+                f"{name}: expected implementation in {', '.join(IMPLEMENTATIONS)}, "
+                f"got {implementation!r}"
             )
         if mode == "concat" and implementation == "fused":
             raise ValueError(
@@ -173,7 +176,8 @@ class NonLocalBlock(nn.Module):
             )
         if mode == "concat" and scale:
             raise ValueError(
-                f"{name}: expected scale=False for mode 'concat' (it has no θᵀφ product to scale), got True"
+                f"{name}: expected scale=False for mode 'concat' (it has no θᵀφ product to "
+                f"scale), got True"
             )
         if inter_channels is None:
             inter_channels = reduced_channels(channels, 2, name)
@@ -204,7 +208,8 @@ class NonLocalBlock(nn.Module):
         self.g = conv(channels, inter_channels, kernel_size=1)
         self.w_f = nn.Linear(2 * inter_channels, 1, bias=False) if mode == "concat" else None
         self.pool = _MAX_POOL[dim](kernel_size=_POOL_KERNEL[dim]) if sub_sample else nn.Identity()
-        self._pooled_axes = tuple(a for a, k in enumerate(_POOL_KERNEL[dim]) if k > 1) if sub_sample else ()
+        pooled = tuple(axis for axis, k in enumerate(_POOL_KERNEL[dim]) if k > 1)
+        self._pooled_axes = pooled if sub_sample else ()
 
         self.w_z = conv(inter_channels, channels, kernel_size=1)
         if bn_layer:
@@ -227,14 +232,18 @@ class NonLocalBlock(nn.Module):
         else:
             phi, g = self.pool(self.phi(x)), self.pool(self.g(x))
         # [B, d, *S] -> [B, N, d]: one row per position, as in "y_i = sum_j ...".
-        return tuple(t.flatten(2).transpose(1, 2) for t in (theta, phi, g))
+        # Contiguous [B, N, d]: on non-contiguous inputs the fused attention kernels silently
+        # fall back to the path that builds the N x N' map.
+        return tuple(t.flatten(2).transpose(1, 2).contiguous() for t in (theta, phi, g))
 
     def pairwise_weights(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        """The map ``f(x_i, x_j) / C(x)``, ``[B, N, N']``, from θ ``[B, N, d]`` and φ ``[B, N', d]``."""
+        """The map ``f(x_i, x_j) / C(x)``, ``[B, N, N']``, from θ ``[B, N, d]`` and
+        φ ``[B, N', d]``."""
         n_keys = phi.shape[1]
         if self.mode == "concat":
             d = self.inter_channels
-            # w_fᵀ[θ_i; φ_j] = w_θᵀθ_i + w_φᵀφ_j: an [N, 1] + [1, N'] broadcast, no [2d, N, N'] tensor.
+            # w_fᵀ[θ_i; φ_j] = w_θᵀθ_i + w_φᵀφ_j: an [N, 1] + [1, N'] broadcast sum, so no
+            # [2d, N, N'] tensor of concatenated pairs is ever built.
             query_term = F.linear(theta, self.w_f.weight[:, :d])  # [B, N, 1]
             key_term = F.linear(phi, self.w_f.weight[:, d:])  # [B, N', 1]
             return F.relu(query_term + key_term.transpose(1, 2)) / n_keys
@@ -250,7 +259,7 @@ class NonLocalBlock(nn.Module):
     def aggregate(self, theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``y = (1 / C(x)) sum_j f(x_i, x_j) g(x_j)``, ``[B, N, d]``, without storing the map."""
         if self.mode == "dot":
-            # Re-associated: θ (φᵀ g) costs O(N d²) instead of O(N N' d) and never builds N x N'.
+            # Re-associated: θ (φᵀ g) costs O(N d²) instead of O(N N' d) and builds no N x N'.
             context = phi.transpose(1, 2) @ g  # [B, d, d]
             return (theta @ context) * (self.scale_factor / phi.shape[1])
         y = F.scaled_dot_product_attention(
@@ -282,14 +291,20 @@ class NonLocalBlock(nn.Module):
             attention = None
             y = self.aggregate(theta, phi, g)
 
-        y = y.transpose(1, 2).reshape(x.shape[0], self.inter_channels, *spatial)
-        z = self.bn(self.w_z(y)) + x
+        # W_z is a 1x1 convolution, i.e. one [C, d] matrix applied at every position. Written as
+        # [C, d] @ [B, d, N] its result is a fresh, contiguous [B, C, N] whose reshape to
+        # [B, C, *S] is a plain view. Two PyTorch bugs make this more than style: Inductor fails
+        # on a convolution of a batched-matmul output once shapes turn dynamic
+        # (pytorch/pytorch#172204), and BatchNorm's CPU backward returns wrong gradients for a
+        # batch-of-1 input with transposed strides (found while testing with gradcheck).
+        w_z_y = self.w_z.weight.flatten(1) @ y.transpose(1, 2) + self.w_z.bias[:, None]
+        z = self.bn(w_z_y.reshape(x.shape)) + x
         return (z, attention) if return_attention else z
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, mode={self.mode!r}, dim={self.dim}, "
             f"inter_channels={self.inter_channels}, sub_sample={self.sub_sample}, "
-            f"bn_layer={self.bn_layer}, scale={self.scale}, implementation={self.implementation!r}, "
-            f"pool_input={self.pool_input}"
+            f"bn_layer={self.bn_layer}, scale={self.scale}, "
+            f"implementation={self.implementation!r}, pool_input={self.pool_input}"
         )

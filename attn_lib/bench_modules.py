@@ -1,0 +1,406 @@
+"""The module benchmark: what each attention mechanism costs, and what fusing attention saves.
+
+``python -m attn_lib bench modules`` calls :func:`bench_modules`, which returns two kinds of rows
+(flat dicts, told apart by ``"kind"``):
+
+* ``"mechanism"``: for each mechanism in the CIFAR ResNet-18 (10 classes, width 64, 32x32 inputs,
+  each mechanism where its paper puts it, see :mod:`attn_lib.models.resnet`): parameters and
+  forward FLOPs added to the plain network, the training-step time relative to the plain
+  ResNet-18 *measured in the same run*, and the peak memory of a training step.
+* ``"explicit_vs_fused"``: the non-local block (embedded gaussian, no sub-sampling, so the map is
+  N x N) and the DANet position module at growing feature maps, the explicit N x N softmax against
+  ``F.scaled_dot_product_attention``: forward + backward time and peak memory, with the ratios.
+
+How the numbers are taken:
+
+* FLOPs: :class:`torch.utils.flop_counter.FlopCounterMode`, one forward pass of one image, eval
+  mode, on the CPU in float32 (so the count is the same whatever device runs the timings). It
+  counts matrix products, convolutions and attention kernels at 2 FLOPs per multiply-add; it does
+  not count element-wise work (pooling, sigmoid, softmax, the gating products), which is cheap in
+  FLOPs but not in memory traffic: the step-time ratio shows that part.
+* Time: the fast-pipeline style of :mod:`attn_lib.bench` (data resident on the device,
+  channels_last, bf16 autocast on CUDA; float32 on the CPU; batch 512 on CUDA, 32 on the CPU).
+  Measurements are *interleaved*: every round times each model once, in a rotated order, and a
+  mechanism's ratio is the median over rounds of its time divided by the plain network's time in
+  the same round, so slow drift (clocks, other jobs) cancels.
+* Threads: on the CPU the benchmark runs single-threaded (``torch.set_num_threads(1)`` for its
+  duration, restored afterwards; recorded as ``cpu_threads``, while the provenance's device name
+  gives the process's own setting). On a shared machine a step with 2 threads waits whenever
+  either thread is descheduled: with other jobs on a 2-core machine, 2-thread ResNet-18 steps ran
+  2-3x *slower* than 1-thread ones and varied far more, which no amount of interleaving repairs.
+* Memory: the peak of one untimed training step (one forward + backward for the attention
+  modules) *above what was in use just before it*, so the weights, the optimizer state and the
+  batch are not counted: what a step adds (activations, gradients, workspace). On CUDA it is
+  ``torch.cuda.max_memory_allocated`` minus ``torch.cuda.memory_allocated`` before the step. On the
+  CPU (Linux) it is the peak resident set size, ``resource.getrusage().ru_maxrss``, after freed
+  heap was returned to the system (``malloc_trim``) and the kernel's high-water mark was reset
+  (``/proc/self/clear_refs``), minus the resident size before; without that reset ``ru_maxrss``
+  is a high-water mark over the process's whole life, so elsewhere the CPU figure is ``None``.
+  RSS counts pages, not tensors: small figures (a few MiB) are within its noise.
+* Fused or not: ``F.scaled_dot_product_attention`` silently falls back to its math path (which
+  builds the N x N map like the explicit form) when no fused kernel accepts its inputs; each
+  explicit-vs-fused row records the kernel the "fused" module actually ran (``fused_kernel``).
+  The explicit-vs-fused rows also give ``attention_map_mib``, the computed size of one float32
+  N x N map.
+
+These are benchmarks, not tests: timings depend on the machine and its load.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import gc
+import itertools
+import math
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from .bench import _make_step, _sync, _time_steps
+from .models import resnet18
+from .registry import attention_spec, create_attention
+
+__all__ = ["MECHANISMS", "bench_modules", "mechanism_rows", "explicit_vs_fused_rows", "forward_flops"]
+
+#: The mechanisms compared in ResNet-18 (``"none"`` is the plain network, the baseline).
+MECHANISMS = ("none", "se", "eca", "cbam", "sk", "nonlocal", "danet", "dia")
+
+#: The two N x N attention modules compared explicit vs fused: name -> (registry name, options).
+ATTENTION_MODULES = {
+    "nonlocal": ("nonlocal", {"mode": "embedded", "sub_sample": False}),
+    "danet_position": ("danet", {"mode": "position"}),
+}
+
+MIB = 2**20
+
+
+def _settings(device: torch.device) -> dict:
+    """Defaults per device: the CPU ones keep the whole benchmark to a few minutes on 2 cores."""
+    if device.type == "cuda":
+        return dict(steps=20, warmup=5, rounds=3, batch=512, attn_sizes=(32, 64, 128), attn_batch=8,
+                    attn_channels=128, attn_rounds=5, min_seconds=0.05, threads=None)
+    return dict(steps=1, warmup=1, rounds=5, batch=32, attn_sizes=(16, 32, 64), attn_batch=2,
+                attn_channels=64, attn_rounds=5, min_seconds=0.25, threads=1)
+
+
+def _dtype_name(device: torch.device) -> str:
+    return "bfloat16 autocast" if device.type == "cuda" else "float32"
+
+
+def forward_flops(model: torch.nn.Module, image_size: int = 32) -> int:
+    """FLOPs of one forward pass of one image, counted by torch (eval mode, CPU, float32)."""
+    model = model.to("cpu", torch.float32).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, model.in_channels, image_size, image_size))
+    return int(counter.get_total_flops())
+
+
+def _build(name: str, width: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return resnet18(10, attention=None if name == "none" else name, width=width)
+
+
+def _median_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
+    return statistics.median(t / b for t, b in zip(times[name], times[base]))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def _reset_cpu_peak() -> bool:
+    """Return freed heap to the OS and reset the kernel's high-water mark of this process's RSS
+    (Linux: ``/proc/self/clear_refs``), so that ``ru_maxrss`` then tracks a new peak. False where
+    this is not possible (another OS), in which case no CPU peak is reported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        _libc().malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _peak_mib(run_once: Callable[[], None], device: torch.device) -> float | None:
+    """Peak memory while ``run_once()`` runs, above what was in use just before it, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus ``torch.cuda.memory_allocated`` before.
+    CPU (Linux): the peak resident set size, ``resource.getrusage(...).ru_maxrss`` after its
+    high-water mark was reset, minus the resident set size before; ``None`` elsewhere."""
+    if device.type == "cuda":
+        gc.collect()  # (slow in a large process; on the CPU reference counting has freed what matters)
+        torch.cuda.empty_cache()
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run_once()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MIB
+    if device.type != "cpu" or resource is None or not _reset_cpu_peak():
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the RSS right after the reset
+    run_once()
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+class _AttentionKernels(TorchDispatchMode):
+    """Records which ``scaled_dot_product`` kernels run (none when the math fallback runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if "scaled_dot_product" in name:
+            self.kernels.add(name.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def mechanism_rows(device: torch.device, mechanisms: Sequence[str] = MECHANISMS, *, batch: int, steps: int,
+                   warmup: int, rounds: int, seed: int = 0, width: int = 64) -> list[dict]:
+    """One ``"mechanism"`` row per name (the first must be ``"none"``, the baseline).
+
+    Parameters and FLOPs added are relative to the plain network; ``step_time_ratio`` is the
+    median over ``rounds`` interleaved rounds of (this model's step time / the plain one's in the
+    same round); each round times ``steps`` steps of each model. Before the first round every
+    model takes ``warmup`` untimed steps (at least one) and one more whose peak memory is taken.
+    """
+    mechanisms = list(mechanisms)
+    if not mechanisms or mechanisms[0] != "none":
+        raise ValueError(f"expected the mechanisms to start with the baseline 'none', got {mechanisms}")
+    fmt = torch.channels_last
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    batches = itertools.repeat((x, y))
+
+    static: dict[str, dict] = {}
+    models, steps_fn = {}, {}
+    for name in mechanisms:
+        model = _build(name, width, seed)
+        # Size and FLOPs on a CPU copy (the same count whatever device times the steps).
+        static[name] = {"params": sum(p.numel() for p in model.parameters()), "flops_forward": forward_flops(model)}
+        model = model.to(device, memory_format=fmt).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        models[name] = model
+        steps_fn[name] = _make_step(model, optimizer, device, amp=True, channels_last=True)
+
+    # Warm-up (at least one step: it creates the gradients and momentum buffers), then the memory
+    # of one more untimed step above what is in use before it.
+    for name in mechanisms:
+        for _ in range(max(warmup, 1)):
+            steps_fn[name](x, y)
+        _sync(device)
+        models[name].zero_grad(set_to_none=True)
+        static[name]["peak_memory_mib"] = _peak_mib(lambda: steps_fn[name](x, y), device)
+
+    # Interleaved timing: one measurement of each model per round, the order rotated each round.
+    times: dict[str, list[float]] = {name: [] for name in mechanisms}
+    for r in range(rounds):
+        k = r % len(mechanisms)
+        for name in mechanisms[k:] + mechanisms[:k]:
+            times[name].append(_time_steps(steps_fn[name], batches, 0, steps, device))
+    del steps_fn, models
+
+    base = static["none"]
+    rows = []
+    for name in mechanisms:
+        s = static[name]
+        seconds = statistics.median(times[name])
+        peak = s["peak_memory_mib"]
+        rows.append({
+            "kind": "mechanism",
+            "attention": name,
+            "placement": None if name == "none" else attention_spec(name).placement,
+            "width": width,
+            "params": s["params"],
+            "params_added": s["params"] - base["params"],
+            "params_added_pct": 100 * (s["params"] - base["params"]) / base["params"],
+            "flops_forward": s["flops_forward"],
+            "flops_added": s["flops_forward"] - base["flops_forward"],
+            "flops_added_pct": 100 * (s["flops_forward"] - base["flops_forward"]) / base["flops_forward"],
+            "batch": batch,
+            "dtype": _dtype_name(device),
+            "channels_last": True,
+            "rounds": rounds,
+            "steps_per_round": steps,
+            "step_seconds": seconds,
+            "images_per_second": batch / seconds,
+            "step_time_ratio": _median_ratio(times, name, "none"),
+            "peak_memory_mib": peak,
+            "peak_memory_ratio": peak / base["peak_memory_mib"] if peak and base["peak_memory_mib"] else None,
+        })
+    return rows
+
+
+def _attention_step(module: torch.nn.Module, x: torch.Tensor, device: torch.device):
+    """``(step, clear)``: ``step()`` is forward + backward of ``module`` on ``x`` (gradients for
+    the parameters and for ``x``, bf16 autocast on CUDA); ``clear()`` drops those gradients."""
+    amp = device.type == "cuda"
+
+    def clear() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+
+    def step() -> None:
+        clear()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = module(x)
+        out.float().sum().backward()
+    return step, clear
+
+
+def _fused_kernel(module: torch.nn.Module, x: torch.Tensor, device: torch.device) -> str:
+    """The attention kernel ``module`` runs on ``x`` (forward, as in a training step): the aten op
+    of a fused kernel, or ``"math"`` when the call fell back to the math path, which builds the
+    N x N map like the explicit form (``F.scaled_dot_product_attention`` falls back silently, e.g.
+    for an input whose last dimension is not contiguous)."""
+    with _AttentionKernels() as seen, torch.autocast(device.type, dtype=torch.bfloat16,
+                                                     enabled=device.type == "cuda"):
+        module(x)
+    return ", ".join(sorted(seen.kernels)) or "math"
+
+
+def explicit_vs_fused_rows(device: torch.device, sizes: Sequence[int], *, batch: int, channels: int, steps: int,
+                           warmup: int, rounds: int, seed: int = 0, min_seconds: float = 0.0,
+                           modules: Sequence[str] = tuple(ATTENTION_MODULES)) -> list[dict]:
+    """One ``"explicit_vs_fused"`` row per feature-map size (``size`` x ``size``) and module.
+
+    Both implementations get the same weights and the same input (channels_last, as in the fast
+    pipeline). After ``warmup`` steps (at least one) a step is timed once to choose how many steps
+    a measurement takes (at least ``steps``, enough for about ``min_seconds``), and the memory of
+    one step is taken. Each round then times the two, in alternating order;
+    ``explicit_over_fused_time`` is the median over rounds of the per-round ratio. On CUDA an
+    out-of-memory error leaves that implementation's figures ``None`` (and says so in ``errors``).
+    """
+    rows = []
+    impls = ("explicit", "fused")
+    for size in sizes:
+        for label in modules:
+            name, options = ATTENTION_MODULES[label]
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(batch, channels, size, size, generator=g)
+            x = x.to(device, memory_format=torch.channels_last).requires_grad_(True)
+            fns, peaks, n_steps, errors, kernel = {}, {}, {}, {}, None
+            for impl in impls:
+                torch.manual_seed(seed)
+                module = create_attention(name, channels, implementation=impl, **options).to(device)
+                step, clear = _attention_step(module, x, device)
+                try:
+                    if impl == "fused":
+                        kernel = _fused_kernel(module, x, device)
+                    for _ in range(max(warmup, 1)):
+                        step()
+                    t1 = _time_steps(step, itertools.repeat(()), 0, 1, device)
+                    n_steps[impl] = max(steps, math.ceil(min_seconds / max(t1, 1e-9)))
+                    clear()
+                    peaks[impl] = _peak_mib(step, device)
+                    fns[impl] = step
+                except torch.cuda.OutOfMemoryError:
+                    errors[impl] = "out of memory"
+                    peaks[impl] = None
+                clear()
+                del module, step, clear
+                if device.type == "cuda":
+                    gc.collect()
+                    torch.cuda.empty_cache()
+            times: dict[str, list[float]] = {impl: [] for impl in fns}
+            for r in range(rounds):
+                for impl in (impls if r % 2 == 0 else impls[::-1]):
+                    if impl in fns:
+                        times[impl].append(_time_steps(fns[impl], itertools.repeat(()), 0, n_steps[impl], device))
+            del fns
+            seconds = {impl: statistics.median(times[impl]) if times.get(impl) else None for impl in impls}
+            both = all(times.get(impl) for impl in impls)
+            positions = size * size
+            row = {
+                "kind": "explicit_vs_fused",
+                "module": label,
+                "options": ", ".join(f"{k}={v}" for k, v in options.items()),
+                "size": size,
+                "positions": positions,
+                "batch": batch,
+                "channels": channels,
+                "dtype": _dtype_name(device),
+                "channels_last": True,
+                "fused_kernel": kernel,
+                "rounds": rounds,
+                "explicit_steps_per_round": n_steps.get("explicit"),
+                "fused_steps_per_round": n_steps.get("fused"),
+                "explicit_seconds": seconds["explicit"],
+                "fused_seconds": seconds["fused"],
+                "explicit_over_fused_time": _median_ratio(times, "explicit", "fused") if both else None,
+                "explicit_peak_mib": peaks["explicit"],
+                "fused_peak_mib": peaks["fused"],
+                "explicit_over_fused_memory": (peaks["explicit"] / peaks["fused"]
+                                               if peaks["explicit"] and peaks["fused"] else None),
+                "attention_map_mib": batch * positions * positions * 4 / MIB,
+            }
+            if errors:
+                row["errors"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
+            rows.append(row)
+    return rows
+
+
+def bench_modules(device: torch.device, steps: int | None = None, seed: int = 0, **overrides) -> dict:
+    """The module benchmark (see the module docstring); ``steps``: timed steps per measurement.
+
+    ``overrides`` replace the per-device defaults (``batch``, ``warmup``, ``rounds``, ``width``,
+    ``mechanisms``, ``attn_sizes``, ``attn_batch``, ``attn_channels``, ``attn_rounds``,
+    ``min_seconds``); the command line uses the defaults, tests use tiny settings.
+    """
+    device = torch.device(device)
+    s = {**_settings(device), "width": 64, "mechanisms": MECHANISMS}
+    unknown = set(overrides) - set(s)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {sorted(s)}")
+    s.update(overrides)
+    if steps is not None:
+        s["steps"] = steps
+    threads_before = torch.get_num_threads()
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    s["threads"] = torch.get_num_threads()
+    try:
+        t0 = time.perf_counter()
+        rows = mechanism_rows(device, s["mechanisms"], batch=s["batch"], steps=s["steps"], warmup=s["warmup"],
+                              rounds=s["rounds"], seed=seed, width=s["width"])
+        rows += explicit_vs_fused_rows(device, s["attn_sizes"], batch=s["attn_batch"],
+                                       channels=s["attn_channels"], steps=s["steps"], warmup=s["warmup"],
+                                       rounds=s["attn_rounds"], seed=seed, min_seconds=s["min_seconds"])
+        elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads_before)
+    cuda = device.type == "cuda"
+    return {
+        "benchmark": "modules",
+        "model": f"resnet18 (CIFAR, 10 classes, width {s['width']}, 32x32 inputs)",
+        "data": "random tensors resident on the device",
+        "timing": ("fast-pipeline style: channels_last, " + _dtype_name(device) + "; interleaved rounds, "
+                   "ratios are medians of per-round ratios against a baseline timed in the same round"),
+        "flops_note": ("torch.utils.flop_counter.FlopCounterMode, forward, batch 1, eval mode, CPU float32; "
+                       "2 FLOPs per multiply-add; matrix products, convolutions and attention only"),
+        "memory_note": ("peak of one untimed step above the memory in use just before it: "
+                        + ("torch.cuda.max_memory_allocated minus torch.cuda.memory_allocated" if cuda else
+                           "peak RSS (resource ru_maxrss after resetting the high-water mark through "
+                           "/proc/self/clear_refs, Linux) minus the RSS before; None where it cannot be reset")),
+        "cpu_threads": s["threads"],
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+        "seconds_total": elapsed,
+        "rows": rows,
+    }

@@ -1,0 +1,57 @@
+"""The report a checker returns: named checks, each passed or failed with a reason."""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Report:
+    title: str
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append((name, bool(ok), detail))
+        return bool(ok)
+
+    def run(self, name: str, fn: Callable[[], str | None]) -> bool:
+        """Run ``fn``; it passes unless it raises. An ``AssertionError``'s message (or any other
+        exception's last line) becomes the reason; a returned string becomes the detail."""
+        try:
+            detail = fn()
+            return self.add(name, True, detail or "")
+        except AssertionError as err:
+            return self.add(name, False, str(err) or "assertion failed")
+        except NotImplementedError as err:
+            return self.add(name, False, f"not implemented yet: {err}")
+        except Exception as err:  # noqa: BLE001 - the student's code may raise anything
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            return self.add(name, False, f"{type(err).__name__}: {err} (line {where.lineno} of {where.name})")
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(ok for _, ok, _ in self.checks)
+
+    def __str__(self) -> str:
+        lines = [self.title]
+        for name, ok, detail in self.checks:
+            lines.append(f"  {'✓' if ok else '✗'} {name}" + (f": {detail}" if detail else ""))
+        n_ok = sum(ok for _, ok, _ in self.checks)
+        lines.append(f"  {n_ok}/{len(self.checks)} checks passed" + (" — well done!" if self.passed else ""))
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p, cycle):  # IPython shows the report, not the dataclass
+        p.text(str(self))
+
+
+def compare(got: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-5, atol: float = 1e-6) -> str:
+    """``assert_close`` with a message for students: the shapes, or the largest difference."""
+    assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got).__name__}"
+    assert got.shape == expected.shape, f"{what}: expected shape {list(expected.shape)}, got {list(got.shape)}"
+    diff = (got.double() - expected.double()).abs().max().item()
+    assert torch.allclose(got.double(), expected.double(), rtol=rtol, atol=atol), \
+        f"{what}: values differ from the reference (max abs difference {diff:.3g})"
+    return f"matches (max abs difference {diff:.1e})"

@@ -1,0 +1,88 @@
+"""Look inside a trained network: the attention each module applied, and Grad-CAM.
+
+    maps = collect_attention(model, x)   # {"layer1.0.gate": tensor [B, C, 1, 1], ...}
+    cam = grad_cam(model, x, model.layer4)  # [B, H, W] in [0, 1]
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import _SPECS
+
+__all__ = ["attention_modules", "collect_attention", "grad_cam"]
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules of ``model`` that are registered mechanisms (by class), by qualified name."""
+    classes = tuple(spec.load() for spec in _SPECS.values() if spec.placement != "shared")
+    return {name: m for name, m in model.named_modules() if isinstance(m, classes)}
+
+
+@contextmanager
+def _recording(modules: dict[str, nn.Module], store: dict):
+    originals = {}
+    for name, module in modules.items():
+        originals[name] = module.forward
+
+        def forward(x, *args, _orig=module.forward, _name=name, **kwargs):
+            y, attention = _orig(x, *args, return_attention=True, **kwargs)
+            store[_name] = attention.detach() if torch.is_tensor(attention) else \
+                {k: v.detach() for k, v in attention.items()}
+            return y
+        module.forward = forward
+    try:
+        yield store
+    finally:
+        for name, module in modules.items():
+            del module.forward  # fall back to the class's forward
+            assert module.forward.__func__ is type(module).forward
+
+
+@torch.no_grad()
+def collect_attention(model: nn.Module, x: torch.Tensor) -> dict:
+    """Run ``model(x)`` in eval mode and return every registered module's attention, by name.
+
+    Each value is what that module returns with ``return_attention=True`` (a tensor or a dict of
+    tensors, see its docstring). The model is left as it was (its mode included).
+    """
+    was_training = model.training
+    model.eval()
+    store: dict = {}
+    try:
+        with _recording(attention_modules(model), store):
+            model(x)
+    finally:
+        model.train(was_training)
+    return store
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., ICCV 2017) of ``layer``'s output for class ``target``.
+
+    ``x: [B, 3, H, W]``; ``target: [B]`` (default: the predicted class). Returns ``[B, H, W]``
+    maps in [0, 1], upsampled bilinearly to the input size: ReLU of the channel-weighted sum of the
+    layer's activations, weights = spatial mean of the gradient of the class score.
+    """
+    was_training = model.training
+    model.eval()
+    saved = {}
+    handle = layer.register_forward_hook(lambda m, i, o: saved.__setitem__("a", o))
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            target = logits.argmax(1) if target is None else target
+            activation = saved["a"]
+            score = logits.gather(1, target[:, None]).sum()
+            grad, = torch.autograd.grad(score, activation)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return cam / peak

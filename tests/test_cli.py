@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from attn_lib.cli import main
+
+
+def test_help_reads_well():
+    out = subprocess.run([sys.executable, "-m", "attn_lib", "train", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    for flag in ("--dataset", "--attention", "--preset", "--resume", "--out", "--no-download"):
+        assert flag in out.stdout
+
+
+def test_train_smoke_and_resume(tmp_path, capsys):
+    args = ["train", "--dataset", "synthetic", "--epochs", "2", "--device", "cpu", "--batch-size", "64",
+            "--train-subset", "256", "--val-size", "64", "-o", "width=8", "--attention", "se", "-o", "reduction=4",
+            "--out", str(tmp_path), "--no-progress"]
+    assert main(args + ["--stop-after", "1"]) == 0
+    assert len(json.loads((tmp_path / "history.json").read_text())["epochs"]) == 1
+    assert main(args + ["--resume"]) == 0
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert history["config"]["model_kwargs"] == {"width": 8, "reduction": 4}
+    assert history["meta"]["command"].startswith("python -m attn_lib train --dataset synthetic")
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_bad_option_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "--dataset", "synthetic", "--device", "cpu", "--attention", "se", "-o", "reduction=1000",
+                 "--out", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert "reduction 1000 leaves" in capsys.readouterr().err
+
+
+def test_unknown_attention_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--attention", "transformer", "--out", "x"])
+    assert "invalid choice: 'transformer'" in capsys.readouterr().err
