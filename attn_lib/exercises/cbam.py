@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.cbam import CBAM
-from .report import Report, compare
+from .report import Report, call_module, compare
 from .se import fully_connected_layers
 
 __all__ = ["check_cbam", "check_spatial_gate", "spatial_convolutions"]
@@ -38,14 +38,6 @@ def spatial_convolutions(module: nn.Module) -> list[nn.Conv2d]:
     (CBAM's spatial convolution), in order of registration."""
     return [m for m in module.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 2
             and m.out_channels == 1 and tuple(m.kernel_size) != (1, 1)]
-
-
-def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = module(x)
-    if isinstance(out, tuple):  # a module that returns (y, attention) by default
-        out = out[0]
-    assert isinstance(out, torch.Tensor), f"expected forward to return a tensor, got {type(out).__name__}"
-    return out
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -69,7 +61,7 @@ def _build(cls: Callable[..., nn.Module], args: tuple, kwargs: dict, got: dict) 
 
 def _gradients_reach(module: nn.Module, x: torch.Tensor) -> str:
     module.zero_grad(set_to_none=True)
-    y = _call(module, x)
+    y = call_module(module, x)
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     assert params, "the module has no trainable parameters"
@@ -211,7 +203,7 @@ def check_spatial_gate(cls: Callable[..., nn.Module], kernel_size: int = 7) -> R
 
     def shape():
         with torch.no_grad():
-            m = _call(student, x)
+            m = call_module(student, x)
         want = [x.shape[0], 1, *x.shape[2:]]
         hint = ""
         if list(m.shape) == list(x.shape):
@@ -256,7 +248,7 @@ def check_spatial_gate(cls: Callable[..., nn.Module], kernel_size: int = 7) -> R
 
     def per_image():
         with torch.no_grad():
-            one_by_one = torch.cat([_call(student, x[i:i + 1]) for i in range(len(x))])
+            one_by_one = torch.cat([call_module(student, x[i:i + 1]) for i in range(len(x))])
         assert _close(got["m"], one_by_one), \
             "an image's gate depends on the other images in the batch: pool over the channels " \
             "(dim 1) of each image, never over the batch (dim 0)"
@@ -266,7 +258,7 @@ def check_spatial_gate(cls: Callable[..., nn.Module], kernel_size: int = 7) -> R
         assert laid_out, NOT_RUN
         other = torch.randn(2, 13, 4, 4, generator=generator)
         with torch.no_grad():
-            m = _call(student, other)
+            m = call_module(student, other)
         return compare(m, _spatial_variant(got["conv"], other), "M_s for 13 channels", RTOL, ATOL)
 
     if not shaped:  # the remaining checks would fail the same way
@@ -407,7 +399,7 @@ def check_cbam(cls: Callable[..., nn.Module], official: bool = False, channels: 
     def shape():
         try:
             with torch.no_grad():
-                y = _call(student, x)
+                y = call_module(student, x)
         except RuntimeError as err:
             raise AssertionError(
                 f"forward fails on x of shape {list(x.shape)} ({str(err).splitlines()[0]}): the channel "
@@ -429,7 +421,7 @@ def check_cbam(cls: Callable[..., nn.Module], official: bool = False, channels: 
             ref.train(mode == "train")
             try:
                 with torch.no_grad():
-                    y = _call(student, x) if mode == "train" else got["y"]
+                    y = call_module(student, x) if mode == "train" else got["y"]
                     want = _cbam_variant(ref, x)
                     if not _close(y, want):
                         diff = (y.double() - want.double()).abs().max().item()
@@ -444,7 +436,7 @@ def check_cbam(cls: Callable[..., nn.Module], official: bool = False, channels: 
 
     def per_image():
         with torch.no_grad():
-            one_by_one = torch.cat([_call(student, x[i:i + 1]) for i in range(len(x))])
+            one_by_one = torch.cat([call_module(student, x[i:i + 1]) for i in range(len(x))])
         assert _close(got["y"], one_by_one), \
             "in eval mode an image's output depends on the other images in the batch: pool over each " \
             "image's own H, W (channel gate) or channels (spatial gate), never over the batch (dim 0)"

@@ -47,6 +47,15 @@ class Report:
         p.text(str(self))
 
 
+def call_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, taking ``y`` from a module that returns ``(y, attention)`` by default."""
+    out = module(x)
+    if isinstance(out, tuple):
+        out = out[0]
+    assert isinstance(out, torch.Tensor), f"expected forward to return a tensor, got {type(out).__name__}"
+    return out
+
+
 def compare(got: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-5, atol: float = 1e-6) -> str:
     """``assert_close`` with a message for students: the shapes, or the largest difference."""
     assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got).__name__}"

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..modules.eca import eca_kernel_size
 from ..modules.se import SqueezeExcitation
-from .report import Report, compare
+from .report import Report, call_module, compare
 
 __all__ = ["check_squeeze_excitation", "check_eca_kernel_size", "fully_connected_layers"]
 
@@ -92,14 +92,6 @@ def _diagnose_se(ref: SqueezeExcitation, x: torch.Tensor, y: torch.Tensor) -> st
         if wrong.shape == y.shape and torch.allclose(y.double(), wrong.double(), rtol=1e-4, atol=1e-5):
             return f"; your output matches SE with {why}"
     return ""
-
-
-def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = module(x)
-    if isinstance(out, tuple):  # a module that returns (y, attention) by default
-        out = out[0]
-    assert isinstance(out, torch.Tensor), f"expected forward to return a tensor, got {type(out).__name__}"
-    return out
 
 
 def check_squeeze_excitation(cls: Callable[..., nn.Module], channels: int = 32, reduction: int = 8) -> Report:
@@ -184,11 +176,11 @@ def check_squeeze_excitation(cls: Callable[..., nn.Module], channels: int = 32, 
         for size in ((5, 7), (1, 1), (9, 4)):
             xi = torch.rand(2, C, *size, generator=g) + 0.5
             with torch.no_grad():
-                y = _call(student, xi)
+                y = call_module(student, xi)
             hint = " (did you return the gate s instead of x * s?)" if list(y.shape) in ([2, C, 1, 1], [2, C]) else ""
             assert y.shape == xi.shape, f"expected the output to keep the shape {list(xi.shape)}, got {list(y.shape)}{hint}"
         with torch.no_grad():
-            got["y"] = _call(student, x)
+            got["y"] = call_module(student, x)
         return "[B, C, H, W] -> [B, C, H, W] for H x W = 5x7, 1x1, 9x4"
 
     if not report.run("output keeps the input's shape", shape_kept):
@@ -244,7 +236,7 @@ def check_squeeze_excitation(cls: Callable[..., nn.Module], channels: int = 32, 
         with torch.no_grad():
             module.eval()
             xs = torch.rand(2, small, 3, 3, generator=g) + 0.5
-            ys = _call(module, xs)
+            ys = call_module(module, xs)
         assert ys.shape == xs.shape, f"cls({small}, {big}) changed the shape {list(xs.shape)} to {list(ys.shape)}"
         return f"cls({small}, {big}) keeps {min(widths)} hidden unit(s)"
 
