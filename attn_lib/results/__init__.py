@@ -5,7 +5,13 @@ and records the command, git commit, hardware and seed that produced it; each ``
 is the final model of one such run, loadable with ``torch.load(weights_only=True)``.
 
     histories = load_histories("cifar10-cpu-w16")     # {"none": {...}, "se": {...}, ...}
+    runs = load_runs("cifar10-h200-r18")              # {"none": {0: {...}, 1: ..., 2: ...}, ...}
     model = load_trained("cifar10-cpu-w16", "se")      # the trained ResNet-18, eval mode
+
+Groups: ``cifar10-cpu-w16`` are width-16 ResNet-18s trained for 5 epochs on a CPU (with weights,
+for the chapters' visualisations); ``cifar10-h200-r18`` are full-width ResNet-18s trained for 20
+epochs on an NVIDIA H200, several seeds (``{group}--{attention}--s{seed}.json``, histories only),
+copied unchanged from the runs' own output: their ``meta`` says how each was made.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 
-__all__ = ["available", "load", "load_histories", "load_trained", "summarise"]
+__all__ = ["available", "commit_label", "load", "load_histories", "load_runs", "load_trained", "summarise"]
 
 
 def available() -> list[str]:
@@ -33,11 +39,41 @@ def load(name: str) -> dict:
 
 
 def load_histories(group: str) -> dict[str, dict]:
-    """Histories of a group of runs (``{group}--{attention}.json``), keyed by attention name."""
-    found = {p.stem.split("--", 1)[1]: json.loads(p.read_text()) for p in sorted(HERE.glob(f"{group}--*.json"))}
+    """Histories of a group of one-seed runs (``{group}--{attention}.json``), keyed by attention name.
+
+    For a group with several seeds per attention use :func:`load_runs`.
+    """
+    runs = load_runs(group)
+    several = sorted(name for name, seeds in runs.items() if len(seeds) > 1)
+    if several:
+        raise ValueError(f"{group!r} has several seeds for {', '.join(several)}: use load_runs({group!r})")
+    return {name: next(iter(seeds.values())) for name, seeds in runs.items()}
+
+
+def load_runs(group: str) -> dict[str, dict[int, dict]]:
+    """Histories of a group of runs, ``{attention: {seed: history}}``.
+
+    Reads ``{group}--{attention}.json`` (the seed is taken from the history) and
+    ``{group}--{attention}--s{seed}.json``.
+    """
+    if not isinstance(group, str) or not group:
+        raise TypeError(f"expected a group name such as 'cifar10-cpu-w16', got {group!r}")
+    found: dict[str, dict[int, dict]] = {}
+    for path in sorted(HERE.glob(f"{group}--*.json")):
+        parts = path.stem[len(group) + 2:].split("--")
+        history = json.loads(path.read_text())
+        seed = int(parts[1][1:]) if len(parts) > 1 else int(history["meta"].get("seed") or 0)
+        found.setdefault(parts[0], {})[seed] = history
     if not found:
-        raise FileNotFoundError(f"no recorded runs for {group!r}; available: {', '.join(available()) or 'none'}")
-    return found
+        groups = sorted({name.split("--")[0] for name in available() if "--" in name})
+        raise FileNotFoundError(f"no recorded runs for {group!r}; groups: {', '.join(groups) or 'none'}")
+    return {name: dict(sorted(seeds.items())) for name, seeds in sorted(found.items())}
+
+
+def commit_label(meta: dict) -> str:
+    """The commit a result came from, short, with ``-dirty`` kept when the tree had changes."""
+    commit = meta.get("git_commit") or "unknown"
+    return commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
 def load_trained(group: str, attention: str, map_location: str = "cpu") -> torch.nn.Module:
@@ -61,4 +97,34 @@ def summarise(history: dict) -> dict:
     return {"val_top1": last.get("val_top1"), "test_top1": last.get("test_top1"),
             "epochs": len(history["epochs"]), "train_seconds": meta.get("train_seconds"),
             "parameters": meta.get("parameters"), "device": meta.get("device_name"),
-            "commit": (meta.get("git_commit") or "")[:10], "command": meta.get("command"), "seed": meta.get("seed")}
+            "commit": commit_label(meta), "command": meta.get("command"), "seed": meta.get("seed")}
+
+
+def record(run_dir: str | Path, group: str, name: str, weights: bool = True, dest: str | Path = HERE) -> list[Path]:
+    """Copy the run in ``run_dir`` (written by ``fit``) into the recorded results.
+
+    Writes ``{group}--{name}.json`` (the history, unchanged) and, with ``weights=True``, a float16
+    copy of the final model's state as ``weights/{group}--{name}.pt`` (half the size; a float16
+    copy can flip a prediction whose logit margin is below its rounding, about 1e-3). Refuses a
+    run from a working tree with uncommitted changes: a record must name the code that made it.
+    """
+    run = Path(run_dir)
+    history_path, ckpt_path = run / "history.json", run / "checkpoint.pt"
+    if not history_path.is_file():
+        raise FileNotFoundError(f"{history_path} not found: expected a run directory written by "
+                                f"`python -m attn_lib train --out {run}`")
+    history = json.loads(history_path.read_text())
+    commit = history["meta"].get("git_commit") or ""
+    if not commit or commit.endswith("-dirty"):
+        raise ValueError(f"{history_path} was made from {commit or 'an unknown commit'}: record runs made "
+                         f"from a clean, committed tree")
+    dest = Path(dest)
+    written = [dest / f"{group}--{name}.json"]
+    written[0].write_text(history_path.read_text())
+    if weights:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
+        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        (dest / "weights").mkdir(exist_ok=True)
+        written.append(dest / "weights" / f"{group}--{name}.pt")
+        torch.save(half, written[1])
+    return written

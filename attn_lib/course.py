@@ -1,0 +1,139 @@
+"""What every chapter shares: the mode switch, the data, recorded-or-fresh runs, comparisons.
+
+A chapter's first cell sets ``FULL`` (quick mode on a CPU, or full mode on a GPU) and its cells call
+these helpers, so that every chapter behaves the same way and each helper is written once:
+
+    data = chapter_data("test")                       # real CIFAR-10, or a loudly labelled stand-in
+    runs = train_or_load("02_se", ["none", "se"], full=FULL, recorded="cifar10-h200-r18")
+    cmp("gates", mine, theirs)                        # exact / close / max diff, then assert_close
+
+Full mode at toy size (for tests): with the environment variable ``ATTN_LIB_TOY=1`` the runs that
+full mode trains shrink to one short epoch of a width-8 network on the synthetic stand-in, on the
+CPU. The same code runs; only the size changes. Quick mode and real full mode ignore the variable.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import results
+from .data import ArrayDataset, DataNotFoundError, default_data_dir, load_cifar
+
+__all__ = ["TOY_ENV", "chapter_data", "cmp", "full_mode_config", "run_label", "toy", "train_or_load"]
+
+#: Set to 1 to run full mode at toy size (see the module docstring). Read in one place: :func:`toy`.
+TOY_ENV = "ATTN_LIB_TOY"
+#: What full mode shrinks to under ``ATTN_LIB_TOY=1``.
+TOY_OVERRIDES = dict(dataset="synthetic", epochs=1, batch_size=64, val_size=128, device="cpu",
+                     amp=False, compile=False)
+TOY_WIDTH = 8
+
+
+def toy() -> bool:
+    """True when full mode should run at toy size (``ATTN_LIB_TOY=1``)."""
+    value = os.environ.get(TOY_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"{TOY_ENV}={value!r}: expected 1 (toy-size full mode) or 0")
+
+
+def full_mode_config(attention: str | None = None, *, seed: int = 0, model: str = "resnet18",
+                     model_kwargs: dict | None = None, **overrides):
+    """The :class:`~attn_lib.train.TrainConfig` full mode trains: the fast preset on CIFAR-10.
+
+    Under ``ATTN_LIB_TOY=1`` the same run shrinks (synthetic data, one epoch, width 8, CPU).
+    """
+    from .train import TrainConfig
+
+    model_kwargs = dict(model_kwargs or {})
+    fields = dict(dataset="cifar10", data_dir=str(default_data_dir()), download=True, model=model,
+                  attention=attention, model_kwargs=model_kwargs, seed=seed, **overrides)
+    if toy():
+        fields.update(TOY_OVERRIDES)
+        fields["model_kwargs"] = {**model_kwargs, "width": TOY_WIDTH}
+    return TrainConfig.from_preset("fast", **fields)
+
+
+def run_label(history: dict) -> str:
+    """One line that says where a history came from: trained now or recorded, device, commit."""
+    meta = history["meta"]
+    where = "trained in this session" if meta.get("trained_now") else "recorded"
+    return (f"{where}: {meta.get('device_name')}, commit {results.commit_label(meta)}, seed {meta.get('seed')}, "
+            f"{len(history['epochs'])} epochs")
+
+
+def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: str,
+                  seeds: Sequence[int] = (0,), model: str = "resnet18", model_kwargs: dict | None = None,
+                  progress: bool = True) -> dict[str, dict[int, dict]]:
+    """``{name: {seed: history}}`` for each attention ``name`` (``"none"`` for the plain network).
+
+    Full mode trains each run with :func:`full_mode_config` into ``runs/{chapter}/{name}-s{seed}``
+    (resuming a run that was cut off) and marks its history ``meta["trained_now"] = True``. Quick mode
+    reads the recorded group ``recorded`` (see :mod:`attn_lib.results`) and keeps the seeds it has; a
+    name it lacks is reported and left out, never invented.
+    """
+    from .train import fit
+
+    if isinstance(names, str):
+        raise TypeError(f"expected a list of attention names, got the string {names!r}")
+    if not full:
+        stored = results.load_runs(recorded)
+        missing = [n for n in names if n not in stored]
+        if missing:
+            print(f"not in the recorded runs {recorded!r}: {', '.join(missing)}")
+        return {n: {s: h for s, h in stored[n].items() if s in seeds} or stored[n]
+                for n in names if n in stored}
+    out_root = default_data_dir().parent / "runs" / chapter
+    trained: dict[str, dict[int, dict]] = {}
+    for name in names:
+        attention = None if name == "none" else name
+        for seed in seeds:
+            cfg = full_mode_config(attention, seed=seed, model=model, model_kwargs=model_kwargs)
+            option = "" if attention is None else f" --attention {attention}"
+            command = (f"python -m attn_lib train --dataset {cfg.dataset} --model {model}{option} "
+                       f"--seed {seed} --out runs/{chapter}/{name}-s{seed}")
+            history = fit(cfg, out_root / f"{name}-s{seed}", resume=True, progress=progress,
+                          command=command, log=lambda _line: None)
+            history["meta"]["trained_now"] = True
+            trained.setdefault(name, {})[seed] = history
+    return trained
+
+
+def chapter_data(split: str = "test", data_dir: str | Path | None = None) -> ArrayDataset:
+    """CIFAR-10 for a chapter's analyses: from ``data/``, else downloaded, else a labelled stand-in.
+
+    Downloads wherever the network allows (torchvision, about 170 MB, once). When CIFAR-10 cannot be
+    had, prints what is missing and the one command that fetches it, and returns the synthetic
+    stand-in (its ``name`` is ``"synthetic"``): cells that need real images check ``data.name``.
+    """
+    data_dir = default_data_dir() if data_dir is None else Path(data_dir)
+    try:
+        return load_cifar("cifar10", split, data_dir, download=True)
+    except DataNotFoundError:
+        bar = "!" * 88
+        print(f"{bar}\nCIFAR-10 is not in {data_dir} and could not be downloaded (no network?).\n"
+              f"The analyses below that need real photographs are skipped or marked SYNTHETIC.\n"
+              f"Fetch it once with:  python -c \"import attn_lib.data as d; d.load_cifar('cifar10', "
+              f"'{split}', '{data_dir}')\"\n{bar}", file=sys.stdout)
+        return load_cifar("synthetic", split)
+
+
+def cmp(what: str, got: torch.Tensor, expected: torch.Tensor, **tolerance) -> None:
+    """Print whether ``got`` equals ``expected`` exactly, closely, or not; then ``assert_close``.
+
+    In the manner of nn-zero-to-hero's ``cmp``: ``what | exact: True | close: True | max diff 0``.
+    """
+    if got.shape != expected.shape:
+        raise AssertionError(f"{what}: shapes differ, {list(got.shape)} vs {list(expected.shape)}")
+    exact = torch.equal(got, expected)
+    diff = (got.detach().double() - expected.detach().double()).abs().max().item() if got.numel() else 0.0
+    close = exact or torch.allclose(got.double(), expected.double(), rtol=tolerance.get("rtol", 1e-5),
+                                    atol=tolerance.get("atol", 1e-6))
+    print(f"{what:28s} | exact: {str(exact):5s} | close: {str(close):5s} | max diff {diff:.2g}")
+    torch.testing.assert_close(got, expected, **tolerance)
