@@ -23,7 +23,8 @@ import torch
 from . import results
 from .data import ArrayDataset, DataNotFoundError, default_data_dir, load_cifar
 
-__all__ = ["TOY_ENV", "chapter_data", "cmp", "full_mode_config", "run_label", "toy", "train_or_load"]
+__all__ = ["TOY_ENV", "chapter_data", "cmp", "full_mode_config", "full_mode_estimate", "run_label", "toy",
+           "train_or_load"]
 
 #: Set to 1 to run full mode at toy size (see the module docstring). Read in one place: :func:`toy`.
 TOY_ENV = "ATTN_LIB_TOY"
@@ -137,3 +138,34 @@ def cmp(what: str, got: torch.Tensor, expected: torch.Tensor, **tolerance) -> No
                                     atol=tolerance.get("atol", 1e-6))
     print(f"{what:28s} | exact: {str(exact):5s} | close: {str(close):5s} | max diff {diff:.2g}")
     torch.testing.assert_close(got, expected, **tolerance)
+
+
+#: Dense bf16/fp16 tensor-core peaks from the vendors' data sheets (FLOP/s), for estimates only.
+DATASHEET_PEAK = {"NVIDIA H200": 989e12, "H100-class": 989e12, "T4-class (fp16)": 65e12}
+
+
+def full_mode_estimate(names: Sequence[str], seeds: Sequence[int] = (0,), epochs: int | None = None,
+                       train_images: int = 45_000) -> dict[str, float]:
+    """Estimated minutes of training for full mode's runs on an H100-class and a T4-class GPU.
+
+    From the recorded H200 benchmarks: the fast pipeline's images/s for the plain ResNet-18
+    (``bench-train-gpu.json``) divided by each mechanism's step-time ratio
+    (``bench-modules-gpu.json``), times the epochs. An H100 has the H200's compute (its data-sheet
+    bf16 peak is the same), so the H200 time stands for it; a T4 is scaled by the ratio of
+    data-sheet peaks (fp16, 65 TFLOP/s) at the same utilisation. Estimates, not measurements:
+    evaluation and start-up (compilation, data loading) are not included.
+    """
+    from .train import PRESETS
+
+    if isinstance(names, str):
+        raise TypeError(f"expected a list of attention names, got the string {names!r}")
+    epochs = PRESETS["fast"]["epochs"] if epochs is None else epochs
+    fast = next(r for r in results.load("bench-train-gpu")["rows"] if r["name"] == "fast")
+    ratios = {r["attention"]: r["step_time_ratio"] for r in results.load("bench-modules-gpu")["rows"]
+              if r["kind"] == "mechanism"}
+    unknown = [n for n in names if n not in ratios]
+    if unknown:
+        raise ValueError(f"no GPU benchmark for {unknown}; measured: {', '.join(sorted(ratios))}")
+    seconds = sum(epochs * train_images * ratios[n] / fast["images_per_second"] for n in names) * len(seeds)
+    t4 = seconds * DATASHEET_PEAK["NVIDIA H200"] / DATASHEET_PEAK["T4-class (fp16)"]
+    return {"H100-class minutes": seconds / 60, "T4-class minutes": t4 / 60}
