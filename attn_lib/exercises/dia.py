@@ -322,7 +322,7 @@ def check_zero_state(answer: Iterable[str] | str) -> Report:
     chosen = report_state["chosen"]
     for letter, (statement, true, why) in ZERO_STATE_STATEMENTS.items():
         picked = letter in chosen
-        short = statement if len(statement) <= 60 else statement[:57] + "..."
+        short = statement if len(statement) <= 50 else statement[:47] + "..."
         if picked == true:
             report.add(f"({letter}) {short}", True, "true" if true else "false, and left out")
         else:
