@@ -1,5 +1,5 @@
 """DIA-LSTM (Huang et al., AAAI 2020): the cell against its equations, the shared-cell stage
-against a hand-written loop, and the seed code's pitfalls."""
+against a hand-written loop, and the pitfalls of the circulating DIA code."""
 from __future__ import annotations
 
 import pytest
@@ -98,7 +98,7 @@ def test_zero_state_is_made_like_the_input():
     torch.manual_seed(2)
     cell = DIALSTMCell(C).double()
     x = torch.randn(2, C, dtype=torch.float64)
-    h, c = cell(x)  # the seed's torch.zeros(...) state would be float32 here and fail
+    h, c = cell(x)  # a torch.zeros(...) state (the blog post's) would be float32 here and fail
     assert h.dtype == c.dtype == torch.float64
     zeros = torch.zeros(2, C, dtype=torch.float64)
     torch.testing.assert_close((h, c), reference_cell(cell, x, zeros, zeros))
