@@ -180,6 +180,22 @@ def test_repository_url_is_the_package_repository():
     assert book_config()["html_theme_options"]["repository_url"] == url
 
 
+def test_repository_url_is_written_nowhere_else():
+    """Besides pyproject.toml, only _config.yml and each chapter's first cell (``REPO = ...``,
+    checked by tests/test_notebook_conventions.py) may spell the URL out; code that needs it reads
+    the package metadata."""
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    url = repository_url().encode()
+    counts = {f: (REPO_ROOT / f).read_bytes().count(url) for f in files if (REPO_ROOT / f).is_file()}
+    assert counts.get("pyproject.toml") == 1 and counts.get("_config.yml") == 1, counts
+    elsewhere = {f: n for f, n in counts.items() if n and f not in ("pyproject.toml", "_config.yml")
+                 and not (f.startswith("notebooks/") and f.endswith(".ipynb") and n == 1)}
+    assert not elsewhere, f"the repository URL is written out in {elsewhere}"
+
+
 def test_virtual_environments_are_kept_out_of_the_book_and_of_git(tmp_path):
     """A virtual environment in the repository root (README: python -m venv .venv) holds pages
     Sphinx would read; the book's exclude patterns and .gitignore keep it out."""
