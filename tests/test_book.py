@@ -48,7 +48,8 @@ def build_book() -> Path:
 
 def repository_url() -> str:
     """The course's repository URL, kept in one place: pyproject.toml's [project.urls]."""
-    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    meta = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    return meta["project"]["urls"]["Repository"]
 
 
 def book_config() -> dict:
@@ -189,7 +190,8 @@ def test_repository_url_is_written_nowhere_else():
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True,
                            check=True).stdout.decode().split("\0")
     url = repository_url().encode()
-    counts = {f: (REPO_ROOT / f).read_bytes().count(url) for f in files if (REPO_ROOT / f).is_file()}
+    counts = {f: (REPO_ROOT / f).read_bytes().count(url)
+              for f in files if (REPO_ROOT / f).is_file()}
     assert counts.get("pyproject.toml") == 1 and counts.get("_config.yml") == 1, counts
     elsewhere = {f: n for f, n in counts.items() if n and f not in ("pyproject.toml", "_config.yml")
                  and not (f.startswith("notebooks/") and f.endswith(".ipynb") and n == 1)}

@@ -124,7 +124,7 @@ class Page:
 MATHJAX_DONE = """async () => {
     const mathCount = document.querySelectorAll('.math').length;
     if (!mathCount) return {math: 0};
-    const deadline = Date.now() + 60000;
+    const deadline = Date.now() + 30000;
     while (!(window.MathJax && MathJax.startup && MathJax.startup.promise)) {
         if (Date.now() > deadline) return {math: mathCount, loaded: false};
         await new Promise(r => setTimeout(r, 100));
@@ -198,7 +198,8 @@ def test_each_chapter_has_its_launch_button(site, browser):
         for chapter in chapters:
             p = page.open(f"{chapter}.html", until="domcontentloaded")
             expected = f"{colab}/github/{repo}/blob/{branch}/{chapter}.ipynb"
-            hrefs = p.eval_on_selector_all(".dropdown-launch-buttons a", "as => as.map(a => a.href)")
+            hrefs = p.eval_on_selector_all(".dropdown-launch-buttons a",
+                                           "as => as.map(a => a.href)")
             assert expected in hrefs, f"{chapter}: launch buttons {hrefs}, expected {expected}"
     finally:
         page.close()
@@ -212,7 +213,8 @@ def title_word(chapter: str, html: Path) -> str:
     """The longest uncommon word of the chapter's title: a term the search must find it by."""
     title = re.search(r"<h1>(.*?)<", (html / f"{chapter}.html").read_text(), flags=re.S)
     assert title, f"{chapter} has no title"
-    words = [w for w in re.findall(r"[A-Za-z]{4,}", title.group(1)) if w.lower() not in COMMON_WORDS]
+    words = [w for w in re.findall(r"[A-Za-z]{4,}", title.group(1))
+             if w.lower() not in COMMON_WORDS]
     assert words, f"{chapter}: no word of its title to search for: {title.group(1)!r}"
     return max(words, key=len)
 
