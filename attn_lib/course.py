@@ -8,7 +8,7 @@ these helpers, so that every chapter behaves the same way and each helper is wri
     cmp("gates", mine, theirs)                        # exact / close / max diff, then assert_close
 
 Full mode at toy size (for tests): with the environment variable ``ATTN_LIB_TOY=1`` the runs that
-full mode trains shrink to one short epoch of a width-8 network on the synthetic stand-in, on the
+full mode trains shrink to one short epoch of a narrow network (width 16) on the synthetic stand-in, on the
 CPU. The same code runs; only the size changes. Quick mode and real full mode ignore the variable.
 """
 from __future__ import annotations
@@ -23,15 +23,19 @@ import torch
 from . import results
 from .data import ArrayDataset, DataNotFoundError, default_data_dir, load_cifar
 
-__all__ = ["TOY_ENV", "chapter_data", "cmp", "full_mode_config", "full_mode_estimate", "run_label", "toy",
+__all__ = ["RUNS_ENV", "TOY_ENV", "runs_dir", "chapter_data", "cmp", "full_mode_config", "full_mode_estimate", "run_label", "toy",
            "train_or_load"]
 
 #: Set to 1 to run full mode at toy size (see the module docstring). Read in one place: :func:`toy`.
 TOY_ENV = "ATTN_LIB_TOY"
+#: Where full mode writes its runs, if set (default: ``runs/`` beside ``data/``).
+RUNS_ENV = "ATTN_LIB_RUNS_DIR"
 #: What full mode shrinks to under ``ATTN_LIB_TOY=1``.
 TOY_OVERRIDES = dict(dataset="synthetic", epochs=1, batch_size=64, val_size=128, device="cpu",
                      amp=False, compile=False)
-TOY_WIDTH = 8
+#: Toy size of each backbone: the narrowest that every mechanism accepts (r = 16 needs 16 channels).
+TOY_MODEL_KWARGS = {"resnet18": {"width": 16}, "resnet34": {"width": 16},
+                    "densenet121": {"growth_rate": 8, "num_init_features": 16, "block_config": (2, 2, 2, 2)}}
 #: Full mode trains as long as the recorded GPU runs it is compared with (``cifar10-h200-r18``).
 FULL_MODE_EPOCHS = 20
 
@@ -46,12 +50,24 @@ def toy() -> bool:
     raise ValueError(f"{TOY_ENV}={value!r}: expected 1 (toy-size full mode) or 0")
 
 
+def runs_dir() -> Path:
+    """Where full mode's runs go: ``$ATTN_LIB_RUNS_DIR``, else ``runs/`` at the checkout's root
+    (beside ``data/``; both are ignored by git), else ``./runs``."""
+    if os.environ.get(RUNS_ENV):
+        return Path(os.environ[RUNS_ENV])
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").is_file() and (folder / "attn_lib").is_dir():
+            return folder / "runs"
+    return Path("runs")
+
+
 def full_mode_config(attention: str | None = None, *, seed: int = 0, model: str = "resnet18",
                      model_kwargs: dict | None = None, **overrides):
     """The :class:`~attn_lib.train.TrainConfig` full mode trains: the fast preset on CIFAR-10 for
     :data:`FULL_MODE_EPOCHS` epochs, like the recorded GPU runs it is compared with.
 
-    Under ``ATTN_LIB_TOY=1`` the same run shrinks (synthetic data, one epoch, width 8, CPU).
+    Under ``ATTN_LIB_TOY=1`` the same run shrinks (synthetic data, one epoch, a narrow network, CPU).
     """
     from .train import TrainConfig
 
@@ -62,8 +78,13 @@ def full_mode_config(attention: str | None = None, *, seed: int = 0, model: str 
     fields.update(overrides)
     if toy():
         fields.update(TOY_OVERRIDES)
-        fields["model_kwargs"] = {**model_kwargs, "width": TOY_WIDTH}
+        fields["model_kwargs"] = {**model_kwargs, **TOY_MODEL_KWARGS.get(model, {})}
     return TrainConfig.from_preset("fast", **fields)
+
+
+#: What the chapters' training cells asked :func:`train_or_load` for, in this process (quick mode
+#: included): ``python -m attn_lib chapter time`` turns it into full mode's time estimates.
+PLANNED_RUNS: list[dict] = []
 
 
 def run_label(history: dict) -> str:
@@ -88,6 +109,7 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
 
     if isinstance(names, str):
         raise TypeError(f"expected a list of attention names, got the string {names!r}")
+    PLANNED_RUNS.append({"chapter": chapter, "names": list(names), "seeds": list(seeds), "model": model})
     if not full:
         stored = results.load_runs(recorded)
         missing = [n for n in names if n not in stored]
@@ -95,7 +117,7 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
             print(f"not in the recorded runs {recorded!r}: {', '.join(missing)}")
         return {n: {s: h for s, h in stored[n].items() if s in seeds} or stored[n]
                 for n in names if n in stored}
-    out_root = default_data_dir().parent / "runs" / chapter
+    out_root = runs_dir() / chapter
     trained: dict[str, dict[int, dict]] = {}
     for name in names:
         attention = None if name == "none" else name
@@ -150,15 +172,17 @@ DATASHEET_PEAK = {"NVIDIA H200": 989e12, "H100-class": 989e12, "T4-class (fp16)"
 
 
 def full_mode_estimate(names: Sequence[str], seeds: Sequence[int] = (0,), epochs: int | None = None,
-                       train_images: int = 45_000) -> dict[str, float]:
+                       train_images: int = 45_000, model: str = "resnet18") -> dict[str, float | str]:
     """Estimated minutes of training for full mode's runs on an H100-class and a T4-class GPU.
 
     From the recorded H200 benchmarks: the fast pipeline's images/s for the plain ResNet-18
-    (``bench-train-gpu.json``) divided by each mechanism's step-time ratio
-    (``bench-modules-gpu.json``), times the epochs. An H100 has the H200's compute (its data-sheet
-    bf16 peak is the same), so the H200 time stands for it; a T4 is scaled by the ratio of
-    data-sheet peaks (fp16, 65 TFLOP/s) at the same utilisation. Estimates, not measurements:
-    evaluation and start-up (compilation, data loading) are not included.
+    (``bench-train-gpu.json``) divided by each mechanism's measured step-time ratio
+    (``bench-modules-gpu.json``), times the epochs. A network with no GPU benchmark (another
+    backbone) is scaled by its forward FLOPs relative to the plain ResNet-18 instead, at the same
+    throughput per FLOP; ``"basis"`` says which was used. An H100 has the H200's compute (the same
+    data-sheet bf16 peak), so the H200 time stands for it; a T4 is scaled by the ratio of data-sheet
+    peaks (fp16, 65 TFLOP/s) at the same utilisation. Estimates, not measurements: evaluation and
+    start-up (compilation, data loading) are not included.
     """
     if isinstance(names, str):
         raise TypeError(f"expected a list of attention names, got the string {names!r}")
@@ -166,9 +190,16 @@ def full_mode_estimate(names: Sequence[str], seeds: Sequence[int] = (0,), epochs
     fast = next(r for r in results.load("bench-train-gpu")["rows"] if r["name"] == "fast")
     ratios = {r["attention"]: r["step_time_ratio"] for r in results.load("bench-modules-gpu")["rows"]
               if r["kind"] == "mechanism"}
-    unknown = [n for n in names if n not in ratios]
-    if unknown:
-        raise ValueError(f"no GPU benchmark for {unknown}; measured: {', '.join(sorted(ratios))}")
-    seconds = sum(epochs * train_images * ratios[n] / fast["images_per_second"] for n in names) * len(seeds)
+    measured = model == "resnet18" and all(n in ratios for n in names)
+    if measured:
+        cost = [ratios[n] for n in names]
+    else:
+        from .bench_modules import forward_flops
+        from .models import build_model
+
+        base = forward_flops(build_model("resnet18", 10))
+        cost = [forward_flops(build_model(model, 10, None if n == "none" else n)) / base for n in names]
+    seconds = sum(epochs * train_images * c / fast["images_per_second"] for c in cost) * len(seeds)
     t4 = seconds * DATASHEET_PEAK["NVIDIA H200"] / DATASHEET_PEAK["T4-class (fp16)"]
-    return {"H100-class minutes": seconds / 60, "T4-class minutes": t4 / 60}
+    return {"H100-class minutes": seconds / 60, "T4-class minutes": t4 / 60,
+            "basis": "measured step-time ratios" if measured else "forward FLOPs relative to ResNet-18"}
