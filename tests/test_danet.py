@@ -498,3 +498,36 @@ def test_head_batch_one_eval_matches_batch():
     assert_close(head(x[:1]), head(x)[:1])
     head.train()(x).sum().backward()  # trains too; every parameter gets a gradient
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+# --- the position-attention benchmark ----------------------------------------------------------
+
+def test_bench_danet_end_to_end_on_tiny_settings(monkeypatch):
+    """`python -m attn_lib bench danet` on tiny settings: rows per size, the fused kernel named."""
+    import functools
+    import json
+
+    import attn_lib.bench as bench
+    import attn_lib.bench_modules as bm
+
+    tiny = functools.partial(bm.bench_danet_position, sizes=(2, 4), batch=1, channels=16, rounds=1,
+                             warmup=0, min_seconds=0.0)
+    monkeypatch.setattr(bm, "bench_danet_position", tiny)
+    threads = torch.get_num_threads()
+    results = bench.run("danet", device="cpu", steps=1, seed=2, command="python -m attn_lib bench danet")
+    assert torch.get_num_threads() == threads
+    assert results["benchmark"] == "danet_position" and results["seed"] == 2
+    assert results["device"] == "cpu" and "git_commit" in results and results["cpu_threads"] == 1
+    assert [(r["module"], r["size"]) for r in results["rows"]] == [("danet_position", 2), ("danet_position", 4)]
+    for r in results["rows"]:
+        assert r["explicit_seconds"] > 0 and r["fused_seconds"] > 0 and "errors" not in r
+        assert r["fused_kernel"] != "math"  # the fused path does reach a fused kernel
+    json.dumps(results)
+    with pytest.raises(ValueError, match="unknown settings"):
+        bm.bench_danet_position(torch.device("cpu"), 1, 0, size=(4,))
+
+
+def test_cli_offers_the_danet_benchmark():
+    from attn_lib.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "danet", "--device", "cpu"]).what == "danet"
