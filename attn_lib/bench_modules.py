@@ -71,7 +71,7 @@ from .bench import _make_step, _sync, _time_steps
 from .models import resnet18
 from .registry import attention_spec, create_attention
 
-__all__ = ["MECHANISMS", "bench_danet_position", "bench_modules", "mechanism_rows", "explicit_vs_fused_rows",
+__all__ = ["MECHANISMS", "attention_kernels", "bench_danet_position", "bench_modules", "mechanism_rows", "explicit_vs_fused_rows",
            "forward_flops"]
 
 #: The mechanisms compared in ResNet-18 (``"none"`` is the plain network, the baseline).
@@ -170,6 +170,17 @@ class _AttentionKernels(TorchDispatchMode):
         if "scaled_dot_product" in name:
             self.kernels.add(name.split(".")[0])
         return func(*args, **(kwargs or {}))
+
+
+def attention_kernels(fn: Callable[[], object]) -> list[str]:
+    """The fused ``scaled_dot_product`` kernels (aten ops) that ran inside ``fn()``, sorted.
+
+    Empty when none ran: ``F.scaled_dot_product_attention`` then took its math path, which is
+    made of ordinary operations (a matrix product, a softmax, another product) and builds the
+    N x N map."""
+    with _AttentionKernels() as seen:
+        fn()
+    return sorted(seen.kernels)
 
 
 def mechanism_rows(device: torch.device, mechanisms: Sequence[str] = MECHANISMS, *, batch: int, steps: int,

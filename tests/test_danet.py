@@ -171,6 +171,16 @@ def test_fused_path_runs_a_fused_kernel_on_cpu():
     assert direct == "math"  # the call the module used to make
 
 
+def test_attention_kernels_names_the_fused_kernel_and_nothing_for_the_math_path():
+    from attn_lib.bench_modules import attention_kernels
+
+    q, v = torch.randn(1, 16, 4), torch.randn(1, 16, 32)
+    assert attention_kernels(lambda: F.scaled_dot_product_attention(q, q, v)) == []
+    padded = F.pad(q, (0, 28))
+    assert attention_kernels(lambda: F.scaled_dot_product_attention(padded, padded, v)) == [
+        "_scaled_dot_product_flash_attention_for_cpu"]
+
+
 def test_parameter_names_unchanged():
     """Recorded weights (state dicts) must keep loading: the fused path adds no parameter."""
     for implementation in ("explicit", "fused"):
