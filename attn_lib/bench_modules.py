@@ -71,8 +71,8 @@ from .bench import _make_step, _sync, _time_steps
 from .models import resnet18
 from .registry import attention_spec, create_attention
 
-__all__ = ["MECHANISMS", "attention_kernels", "bench_danet_position", "bench_modules", "mechanism_rows", "explicit_vs_fused_rows",
-           "forward_flops"]
+__all__ = ["MECHANISMS", "attention_kernels", "bench_danet_position", "bench_modules", "mechanism_rows",
+           "explicit_vs_fused_rows", "forward_flops"]
 
 #: The mechanisms compared in ResNet-18 (``"none"`` is the plain network, the baseline).
 MECHANISMS = ("none", "se", "eca", "cbam", "sk", "nonlocal", "danet", "dia")
