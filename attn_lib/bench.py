@@ -152,8 +152,12 @@ def run(what: str, device: str = "auto", steps: int | None = None, seed: int = 0
         from .bench_modules import bench_modules
 
         body = bench_modules(dev, steps, seed)
+    elif what == "danet":
+        from .bench_modules import bench_danet_position
+
+        body = bench_danet_position(dev, steps, seed)
     else:
-        raise ValueError(f"unknown benchmark {what!r}; expected 'train' or 'modules'")
+        raise ValueError(f"unknown benchmark {what!r}; expected 'train', 'modules' or 'danet'")
     return {**provenance(dev, seed, command), **body}
 
 

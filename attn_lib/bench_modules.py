@@ -71,7 +71,8 @@ from .bench import _make_step, _sync, _time_steps
 from .models import resnet18
 from .registry import attention_spec, create_attention
 
-__all__ = ["MECHANISMS", "bench_modules", "mechanism_rows", "explicit_vs_fused_rows", "forward_flops"]
+__all__ = ["MECHANISMS", "attention_kernels", "bench_danet_position", "bench_modules", "mechanism_rows",
+           "explicit_vs_fused_rows", "forward_flops"]
 
 #: The mechanisms compared in ResNet-18 (``"none"`` is the plain network, the baseline).
 MECHANISMS = ("none", "se", "eca", "cbam", "sk", "nonlocal", "danet", "dia")
@@ -169,6 +170,17 @@ class _AttentionKernels(TorchDispatchMode):
         if "scaled_dot_product" in name:
             self.kernels.add(name.split(".")[0])
         return func(*args, **(kwargs or {}))
+
+
+def attention_kernels(fn: Callable[[], object]) -> list[str]:
+    """The fused ``scaled_dot_product`` kernels (aten ops) that ran inside ``fn()``, sorted.
+
+    Empty when none ran: ``F.scaled_dot_product_attention`` then took its math path, which is
+    made of ordinary operations (a matrix product, a softmax, another product) and builds the
+    N x N map."""
+    with _AttentionKernels() as seen:
+        fn()
+    return sorted(seen.kernels)
 
 
 def mechanism_rows(device: torch.device, mechanisms: Sequence[str] = MECHANISMS, *, batch: int, steps: int,
@@ -399,6 +411,65 @@ def bench_modules(device: torch.device, steps: int | None = None, seed: int = 0,
                         + ("torch.cuda.max_memory_allocated minus torch.cuda.memory_allocated" if cuda else
                            "peak RSS (resource ru_maxrss after resetting the high-water mark through "
                            "/proc/self/clear_refs, Linux) minus the RSS before; None where it cannot be reset")),
+        "cpu_threads": s["threads"],
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+        "seconds_total": elapsed,
+        "rows": rows,
+    }
+
+
+def _danet_settings(device: torch.device) -> dict:
+    """Defaults of :func:`bench_danet_position` per device. CUDA: the module as the GPU targets
+    state it (batch 8, 128 channels, bf16). CPU: batch 1 (at 128 x 128 one float32 N x N map is
+    1 GiB, and the explicit step keeps several), one thread, one step per measurement."""
+    sizes = (8, 16, 32, 64, 128)
+    if device.type == "cuda":
+        return dict(sizes=sizes, batch=8, channels=128, steps=10, warmup=3, rounds=5, min_seconds=0.05,
+                    threads=None)
+    return dict(sizes=sizes, batch=1, channels=128, steps=1, warmup=1, rounds=3, min_seconds=0.2, threads=1)
+
+
+def bench_danet_position(device: torch.device, steps: int | None = None, seed: int = 0, **overrides) -> dict:
+    """DANet's position module, explicit N x N softmax against the fused path, as the map grows.
+
+    ``python -m attn_lib bench danet`` calls it: one ``"explicit_vs_fused"`` row per size (see
+    :func:`explicit_vs_fused_rows`: forward + backward time, peak memory, the kernel the fused path
+    ran), from 8 x 8 (CIFAR's stage 3) to 128 x 128 (segmentation-sized maps). ``overrides``
+    replace the per-device defaults (``sizes``, ``batch``, ``channels``, ``warmup``, ``rounds``,
+    ``min_seconds``, ``threads``).
+    """
+    device = torch.device(device)
+    s = _danet_settings(device)
+    unknown = set(overrides) - set(s)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {sorted(s)}")
+    s.update(overrides)
+    if steps is not None:
+        s["steps"] = steps
+    threads_before = torch.get_num_threads()
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    s["threads"] = torch.get_num_threads()
+    try:
+        t0 = time.perf_counter()
+        rows = explicit_vs_fused_rows(device, s["sizes"], batch=s["batch"], channels=s["channels"],
+                                      steps=s["steps"], warmup=s["warmup"], rounds=s["rounds"], seed=seed,
+                                      min_seconds=s["min_seconds"], modules=("danet_position",))
+        elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads_before)
+    cuda = device.type == "cuda"
+    return {
+        "benchmark": "danet_position",
+        "model": f"DANet position module alone, {s['channels']} channels, batch {s['batch']}",
+        "data": "random tensors resident on the device (channels_last)",
+        "timing": ("forward + backward (gradients for the input and the parameters), "
+                   + _dtype_name(device) + "; interleaved rounds, explicit_over_fused_time is the median "
+                   "of per-round ratios"),
+        "memory_note": ("peak of one untimed step above the memory in use just before it: "
+                        + ("torch.cuda.max_memory_allocated minus torch.cuda.memory_allocated" if cuda else
+                           "peak RSS (resource ru_maxrss after resetting the high-water mark through "
+                           "/proc/self/clear_refs, Linux) minus the RSS before")),
         "cpu_threads": s["threads"],
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
         "seconds_total": elapsed,

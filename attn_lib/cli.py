@@ -4,6 +4,7 @@
     python -m attn_lib train --dataset synthetic --epochs 2 --device cpu --out runs/x
     python -m attn_lib bench train
     python -m attn_lib bench modules
+    python -m attn_lib bench danet
     python -m attn_lib chapter run 05_danet --full
     python -m attn_lib classroom export handout/
     python -m attn_lib classroom grade submissions/ --out grades.csv
@@ -67,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure speed (a benchmark, not a test)",
                        description="Benchmarks write a JSON results file with the command, commit, device and seed.")
-    b.add_argument("what", choices=["train", "modules"],
-                   help="train: seed vs fast pipeline img/s and MFU; modules: cost of each mechanism")
+    b.add_argument("what", choices=["train", "modules", "danet"],
+                   help="train: seed vs fast pipeline img/s and MFU; modules: cost of each mechanism; "
+                        "danet: DANet position attention, explicit vs fused, 8x8 to 128x128")
     b.add_argument("--device", default="auto")
     b.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     b.add_argument("--out", default=None, help="results file (default: printed only)")
