@@ -56,7 +56,17 @@ __all__ = ["PRESETS", "CheckpointError", "ConfigError", "TrainConfig", "Training
 
 HISTORY, CHECKPOINT, PREVIOUS = "history.json", "checkpoint.pt", "checkpoint-prev.pt"
 
-PRESETS: dict[str, dict] = {
+class _Presets(dict):
+    """The presets by name; an old name (:data:`PRESET_ALIASES`) still looks up its preset, but is
+    not listed (``"seed" in PRESETS`` is False)."""
+
+    def __missing__(self, key):
+        if key in PRESET_ALIASES:
+            return self[PRESET_ALIASES[key]]
+        raise KeyError(key)
+
+
+PRESETS: dict[str, dict] = _Presets({
     "reference": dict(epochs=160, batch_size=128, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
                       decay_norm_and_bias=True, schedule="multistep", milestones=(80, 120), gamma=0.1,
                       warmup_epochs=1.0, label_smoothing=0.0, amp=False, channels_last=False, compile=False,
@@ -64,7 +74,7 @@ PRESETS: dict[str, dict] = {
     "fast": dict(epochs=50, batch_size=512, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
                  decay_norm_and_bias=False, schedule="onecycle", warmup_fraction=0.2,
                  label_smoothing=0.1, amp=True, channels_last=True, compile="auto", pipeline="gpu", tta=True),
-}
+})
 #: Old preset names still accepted (deprecated): ``seed`` was the reference recipe's first name.
 PRESET_ALIASES = {"seed": "reference"}
 #: The synthetic stand-in has 640 training images: a smaller default batch (with the lr scaled

@@ -224,3 +224,29 @@ ENTRY_POINTS = {
 def test_entry_points_raise_one_clear_exception(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# --------------------------------------------------------------------------- checkers' arguments
+from attn_lib.exercises.report import expect_arguments  # noqa: E402
+from attn_lib.modules.se import SqueezeExcitation  # noqa: E402
+
+CHECKER_ARGUMENTS = {
+    "an instance instead of the class": (dict(cls=SqueezeExcitation(32)), TypeError,
+                                         "expected the class itself, got an instance of SqueezeExcitation"),
+    "a string instead of a class": (dict(cls="SqueezeExcitation"), TypeError, "expected a class to build"),
+    "a number instead of a function": (dict(fn=3), TypeError, "expected a function, got int 3"),
+    "channels as a string": (dict(cls=SqueezeExcitation, channels="32"), TypeError,
+                             "expected channels as an integer, got str '32'"),
+    "reduction zero": (dict(cls=SqueezeExcitation, reduction=0), ValueError, "expected reduction >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("kwargs, error, message", CHECKER_ARGUMENTS.values(), ids=CHECKER_ARGUMENTS.keys())
+def test_checker_arguments_raise_one_clear_exception(kwargs, error, message):
+    with pytest.raises(error, match=f"check_squeeze_excitation: {message}"):
+        expect_arguments("check_squeeze_excitation", **kwargs)
+
+
+def test_right_checker_arguments_pass():
+    expect_arguments("check_squeeze_excitation", cls=SqueezeExcitation, channels=32, reduction=8, official=True)
+    expect_arguments("check_accuracy", fn=lambda logits, target, k: 0.0)
