@@ -93,8 +93,9 @@ def load_trained(group: str, attention: str, map_location: str = "cpu") -> torch
     weighted = sorted(p.stem[len(group) + 2:] for p in (HERE / "weights").glob(f"{group}--*.pt"))
     if not weighted:
         load_runs(group)  # raises for an unknown group
+        with_weights = sorted({p.stem.split("--")[0] for p in (HERE / "weights").glob("*.pt")})
         raise FileNotFoundError(f"no weights are recorded for {group!r} (histories only); groups with "
-                                f"weights: {', '.join(sorted({p.stem.split('--')[0] for p in (HERE / 'weights').glob('*.pt')}))}")
+                                f"weights: {', '.join(with_weights)}")
     if attention not in weighted:
         raise FileNotFoundError(f"no trained {attention!r} model recorded for {group}: {', '.join(weighted)}")
     history = load(f"{group}--{attention}")
