@@ -30,7 +30,7 @@ def _kv(text: str):
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .models import MODELS
-    from .train import PRESET_ALIASES, PRESETS, SYNTHETIC_BATCH_SIZE
+    from .train import PRESET_ALIASES, PRESETS, SYNTHETIC_BATCH_SIZE, SYNTHETIC_LR
 
     parser = argparse.ArgumentParser(prog="python -m attn_lib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="override the preset's epochs (at least 1)")
     t.add_argument("--batch-size", type=int,
                    help=f"override the preset's batch size (default on --dataset synthetic: {SYNTHETIC_BATCH_SIZE})")
-    t.add_argument("--lr", type=float, help="override the preset's (peak) learning rate (positive)")
+    t.add_argument("--lr", type=float, help=f"override the preset's (peak) learning rate (positive; default on "
+                                            f"--dataset synthetic: {SYNTHETIC_LR})")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA with the fast preset; a model that fails "
                         "to compile trains eagerly, with a warning)")

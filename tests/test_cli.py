@@ -45,12 +45,13 @@ def test_unknown_attention_is_refused_by_argparse(capsys):
 def test_the_smoke_command_visibly_learns(tmp_path, capsys):
     """The documented smoke run, ``train --dataset synthetic --epochs 2``, ends well above chance
     (10%) with a sane validation loss. Here at width 8 on the CPU, so that the test takes seconds
-    (the recipe, batch and lr are the command's own)."""
+    (the recipe, batch and lr are the command's own; the full-width run is too slow for a test
+    on a CPU)."""
     out = tmp_path / "smoke"
     assert main(["train", "--dataset", "synthetic", "--epochs", "2", "--out", str(out), "--no-progress",
                  "--device", "cpu", "-o", "width=8"]) == 0
     history = json.loads((out / "history.json").read_text())
-    assert history["config"]["batch_size"] == 64 and history["config"]["lr"] == pytest.approx(0.025)
+    assert history["config"]["batch_size"] == 64 and history["config"]["lr"] == 0.05
     last = history["epochs"][-1]
     assert last["val_top1"] > 30.0 and last["val_loss"] < 2.3, last  # chance: 10%, loss ln 10 = 2.30
 
