@@ -212,7 +212,7 @@ def _poison_in_epoch(monkeypatch, what: str, epoch: int, steps_per_epoch: int):
                     if what == "train":
                         return out * float("nan")
                     if what == "weights":
-                        model.layer1[0].bn1.running_mean.fill_(float("inf"))
+                        model.layer1[0].bn1.running_mean.data.fill_(float("inf"))  # .data: not seen by autograd
             elif what == "val" and calls["train"] > (epoch - 1) * steps_per_epoch:
                 return out * float("nan")
             return out
