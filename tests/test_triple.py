@@ -467,3 +467,21 @@ def test_densenet_rejects_bad_calls():
         plain(torch.randn(1, 3, 8, 8), return_aux=True)
     with pytest.raises(ValueError, match=r"expected images \[B, 3, H, W\], got \[1, 1, 8, 8\]"):
         plain(torch.randn(1, 1, 8, 8))
+
+
+def test_densenet121_width_scales_like_the_resnets():
+    standard = densenet121(10)
+    assert (standard.blocks[0].layers[0].conv2.out_channels, standard.stem.out_channels) == (32, 64)
+    assert sum(p.numel() for p in densenet121(10, width=64).parameters()) == \
+        sum(p.numel() for p in standard.parameters())
+    narrow = densenet121(10, width=8, block_config=(1, 1))
+    reference = densenet121(10, growth_rate=4, num_init_features=8, block_config=(1, 1))
+    assert narrow.stem.out_channels == 8 and narrow.num_features == reference.num_features
+    assert sum(p.numel() for p in narrow.parameters()) == sum(p.numel() for p in reference.parameters())
+    built = build_model("densenet121", 10, "triple", width=8, block_config=(1, 1), hidden=8,
+                        reduction=2, scale_reduction=2)
+    assert built.num_features == reference.num_features
+    with pytest.raises(ValueError, match="either width or growth_rate"):
+        densenet121(10, width=8, growth_rate=4)
+    with pytest.raises(ValueError, match="width to be an integer >= 2"):
+        densenet121(10, width=1)

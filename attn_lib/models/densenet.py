@@ -291,16 +291,31 @@ class DenseNet(nn.Module):
         return out if len(out) > 1 else logits
 
 
-def densenet121(num_classes: int = 10, attention: str | None = None, growth_rate: int = 32,
-                block_config: Sequence[int] = (6, 12, 24, 16), num_init_features: int = 64,
+def densenet121(num_classes: int = 10, attention: str | None = None, growth_rate: int | None = None,
+                block_config: Sequence[int] = (6, 12, 24, 16), num_init_features: int | None = None,
                 bn_size: int = 4, compression: float = 0.5, aux_weight: float | None = None,
-                **kwargs) -> DenseNet:
+                width: int | None = None, **kwargs) -> DenseNet:
     """CIFAR DenseNet-121 (k = 32, blocks 6-12-24-16, θ = 0.5); ``attention=None | "triple"``.
 
     ``kwargs`` go to :class:`DenseNet` (``in_channels``, and for triple attention ``hidden``,
     ``reduction``, ``scale_blocks``, ``scale_reduction``). A smaller ``block_config`` or
     ``growth_rate`` gives a network of the same design that trains in seconds on a CPU.
+
+    ``width`` scales the network as ``width`` scales the course's ResNets, whose standard width
+    is 64: it sets the stem to ``width`` channels and the growth rate to ``width // 2`` (DenseNet-121
+    has 64 and 32, so ``width=64`` is the standard network). It cannot be combined with
+    ``growth_rate`` or ``num_init_features``.
     """
+    if width is not None:
+        if isinstance(width, bool) or not isinstance(width, int) or width < 2:
+            raise ValueError(f"densenet121: expected width to be an integer >= 2, got {width!r}")
+        if growth_rate is not None or num_init_features is not None:
+            raise ValueError("densenet121: give either width or growth_rate / num_init_features, not both "
+                             f"(got width={width}, growth_rate={growth_rate}, "
+                             f"num_init_features={num_init_features})")
+        growth_rate, num_init_features = width // 2, width
+    growth_rate = 32 if growth_rate is None else growth_rate
+    num_init_features = 64 if num_init_features is None else num_init_features
     return DenseNet(num_classes, attention, growth_rate=growth_rate, block_config=block_config,
                     num_init_features=num_init_features, bn_size=bn_size, compression=compression,
                     aux_weight=aux_weight, **kwargs)
