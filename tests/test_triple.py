@@ -485,3 +485,28 @@ def test_densenet121_width_scales_like_the_resnets():
         densenet121(10, width=8, growth_rate=4)
     with pytest.raises(ValueError, match="width to be an integer >= 2"):
         densenet121(10, width=1)
+
+
+def test_each_part_alone_and_the_sum_of_their_parameters():
+    full = small_triple()
+    plain = densenet121(5, growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    added = {}
+    x = torch.randn(2, 3, 32, 32)
+    for part in ("channel", "element", "scale"):
+        model = small_triple(parts=[part])
+        assert model.parts == (part,)
+        added[part] = count(model) - count(plain)
+        logits, attention = model.eval()(x, return_attention=True)
+        assert logits.shape == (2, 5)
+        assert [k for k, v in attention.items() if v is not None] == \
+            {"channel": ["channel"], "element": ["element", "scores"], "scale": ["scale"]}[part]
+        assert (model.auxiliary_loss_weight > 0) == (part == "element")
+    assert sum(added.values()) == count(full) - count(plain)
+    with pytest.raises(ValueError, match="return_aux expected the element-wise part"):
+        small_triple(parts=["channel"])(x, return_aux=True)
+    for bad in (["spatial"], [], "channel", ["scale", "scale"]):
+        with pytest.raises(ValueError, match="expected parts"):
+            small_triple(parts=bad)
+    with pytest.raises(ValueError, match="without attention='triple'"):
+        densenet121(5, parts=["channel"])
