@@ -510,3 +510,21 @@ def test_each_part_alone_and_the_sum_of_their_parameters():
             small_triple(parts=bad)
     with pytest.raises(ValueError, match="without attention='triple'"):
         densenet121(5, parts=["channel"])
+
+
+def test_bench_densenet_rows_at_toy_size():
+    from attn_lib.bench_densenet import VARIANTS, bench_densenet, build_variant
+
+    kwargs = dict(growth_rate=4, block_config=(1, 1), num_init_features=8, hidden=8, reduction=2,
+                  scale_reduction=2)
+    result = bench_densenet("cpu", batch=2, rounds=1, **kwargs)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == list(VARIANTS) and result["model_kwargs"] == kwargs
+    plain = densenet121(10, growth_rate=4, block_config=(1, 1), num_init_features=8)
+    assert rows["none"]["params"] == sum(p.numel() for p in plain.parameters())
+    added = {n: rows[n]["params"] - rows["none"]["params"] for n in rows}
+    assert added["triple"] == added["channel"] + added["element"] + added["scale"] > 0
+    assert rows["element"]["flops"] > rows["none"]["flops"] and rows["none"]["step_time_ratio"] == 1.0
+    assert all(r["step_seconds"] > 0 for r in rows.values())
+    with pytest.raises(ValueError, match="unknown variant"):
+        build_variant("spatial")
