@@ -84,6 +84,7 @@ def bench_densenet(device: str = "cpu", batch: int = 16, rounds: int = 3, seed: 
 
     ``model_kwargs`` go to :func:`densenet121` (a smaller network for tests)."""
     dev = torch.device(device)
+    facts = provenance(dev, seed, command)  # taken first: the code that ran is the code at start
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(1)
@@ -124,7 +125,7 @@ def bench_densenet(device: str = "cpu", batch: int = 16, rounds: int = 3, seed: 
     finally:
         torch.set_num_threads(threads)
     return {"benchmark": "DenseNet-121 (CIFAR, 10 classes) with and without triple attention",
-            **provenance(dev, seed, command), "cpu_threads": 1 if dev.type == "cpu" else None,
+            **facts, "cpu_threads": 1 if dev.type == "cpu" else None,
             "batch": batch, "rounds": rounds, "dtype": "float32", "model_kwargs": model_kwargs,
             "rows": list(rows.values())}
 

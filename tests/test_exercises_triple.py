@@ -132,3 +132,12 @@ def test_shapes():
     assert not report.passed and "expected [8, 10, 4, 4], got [8, 10, 32, 32]" in str(report)
     assert not check_shapes({"A": (1, 2)}).passed
     assert "tuple of ints" in str(check_shapes({**right, "S": "8x10"}))
+    assert check_shapes(lambda: right).passed
+
+
+def test_shapes_stub_is_reported():
+    def stub():
+        raise NotImplementedError("return the four shapes")
+
+    report = check_shapes(stub)
+    assert not report.passed and "not implemented yet" in str(report)

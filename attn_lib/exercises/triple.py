@@ -270,10 +270,11 @@ def check_training_step(step: Callable, aux_weight: float = 0.5) -> Report:
 _SHAPE_KEYS = ("X_CA", "A", "S", "score")
 
 
-def check_shapes(answer: dict, batch: int = 8, image_size: int = 32, num_classes: int = 10) -> Report:
+def check_shapes(answer: dict | Callable[[], dict], batch: int = 8, image_size: int = 32,
+                 num_classes: int = 10) -> Report:
     """Check predicted shapes for the course's DenseNet-121 with triple attention.
 
-    ``answer`` maps ``"X_CA"`` (the channel-attended last feature map), ``"A"`` (the class
+    ``answer`` (or what ``answer()`` returns, when it is a function) maps ``"X_CA"`` (the channel-attended last feature map), ``"A"`` (the class
     attention maps), ``"S"`` (the score maps) and ``"score"`` (the auxiliary score vector) to
     shapes (tuples or lists of ints) for a batch of ``batch`` images of ``image_size`` pixels and
     ``num_classes`` classes. The checker builds the real network and measures them.
@@ -282,6 +283,9 @@ def check_shapes(answer: dict, batch: int = 8, image_size: int = 32, num_classes
                     f"{image_size}x{image_size} images, {num_classes} classes")
 
     def form():
+        nonlocal answer
+        if callable(answer):
+            answer = answer()
         assert isinstance(answer, dict), f"expected a dict of shapes, got {type(answer).__name__}"
         missing = [k for k in _SHAPE_KEYS if k not in answer]
         assert not missing, f"missing keys {missing}; expected {list(_SHAPE_KEYS)}"
