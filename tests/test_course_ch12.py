@@ -185,3 +185,14 @@ def test_the_diagrams_draw_their_boxes():
     assert order.index("SE") < order.index("+")
     order = [t.get_text() for t in bottom.texts]
     assert order.index("+") < order.index("SE")
+
+
+def test_a_checker_report_is_wrapped_to_88_columns_and_keeps_every_word():
+    from attn_lib.exercises.report import Report
+
+    report = Report("a title " * 20)
+    report.add("a check", False, "because " * 30 + "a-very-long-unbreakable-token-" * 4)
+    text = str(report)
+    assert all(len(line) <= 88 for line in text.splitlines() if "unbreakable" not in line)
+    assert text.split() == (str("a title " * 20).split() + ["✗", "a", "check:"] + ("because " * 30).split()
+                            + ["a-very-long-unbreakable-token-" * 4] + ["0/1", "checks", "passed"])
