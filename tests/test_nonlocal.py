@@ -574,3 +574,18 @@ def test_timm_non_local_attn_with_copied_weights():
         ours_scaled.theta.bias.mul_(math.sqrt(d / c))
         torch.testing.assert_close(ours_scaled(x), theirs_scaled(x))
 
+
+
+def test_nonlocal_benchmark_rows_tiny_cpu_run():
+    """The chapter's benchmark runs (tiny settings: it is a benchmark, its timings are not
+    tested) and labels what the 'fused' form of each mode is."""
+    from attn_lib.bench_modules import bench_nonlocal
+
+    out = bench_nonlocal("cpu", attn_sizes=(4,), attn_batch=1, attn_channels=8, attn_rounds=1,
+                         min_seconds=0.0, command="test")
+    rows = {row["module"]: row for row in out["rows"]}
+    assert set(rows) == {"nonlocal", "nonlocal_dot"}
+    assert rows["nonlocal_dot"]["fused_kernel"].startswith("re-associated")
+    assert rows["nonlocal"]["attention_map_mib"] == 1 * 16 * 16 * 4 / 2**20
+    assert out["command"] == "test" and out["git_commit"]
+    assert all(row["explicit_seconds"] > 0 and row["fused_seconds"] > 0 for row in rows.values())
