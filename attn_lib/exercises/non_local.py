@@ -195,13 +195,13 @@ def check_embedded_gaussian_block(cls: Callable[..., nn.Module], channels: int =
                         why = f"; it matches a block in which {reason}"
                         break
                 raise AssertionError(f"z differs from the reference (max abs difference {diff:.3g}){why}")
-            return f"matches (max abs difference {diff:.1e})"
+            return f"max difference {diff:.1e}"
         return check
 
     if copied:
-        report.run("same output as the reference (H·W = 30)", output((5, 6)))
+        report.run("same z as the reference, H·W = 30", output((5, 6)))
         # An odd number of positions: the widely copied view(b, c, -1) of a C/2-channel tensor fails
-        report.run("same output with an odd number of positions (H·W = 15)", output((3, 5)))
+        report.run("same z with an odd number of positions, H·W = 15", output((3, 5)))
 
     def gradients():
         student.train()
@@ -212,7 +212,7 @@ def check_embedded_gaussian_block(cls: Callable[..., nn.Module], channels: int =
         return f"all {sum(1 for _ in student.parameters())} parameter tensors"
 
     if copied:
-        report.run("gradients reach every parameter (with γ ≠ 0)", gradients)
+        report.run("gradients reach every parameter (γ ≠ 0)", gradients)
     return report
 
 
@@ -276,9 +276,9 @@ def check_map_memory(fn: Callable[..., float]) -> Report:
                 f"the map NonLocalBlock returns for S={s}, sub_sample={sub} has "
                 f"{list(attention.shape)} float32 values = {real:.4g} MiB; you predict {got:.4g}")
             found.append(f"{list(attention.shape)}")
-        return "the maps NonLocalBlock builds: " + ", ".join(found)
+        return "maps " + ", ".join(found)
 
-    report.run("equals the size of a map the block really builds", measured)
+    report.run("size of the maps the block builds", measured)
     return report
 
 
@@ -343,7 +343,7 @@ def check_dot_form(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torc
         got["y"] = y
         return f"y: {list(y.shape)}"
 
-    if not report.run(f"runs on θ {[batch, n, d]}, φ and g {[batch, n_keys, d]}", runs):
+    if not report.run(f"runs (θ {[batch, n, d]}, φ and g {[batch, n_keys, d]})", runs):
         return report
 
     def values():
@@ -366,7 +366,7 @@ def check_dot_form(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torc
         assert seen.largest < big_n * big_keys, (
             f"a tensor of {seen.largest:,} elements was built (the N x N' map has "
             f"{big_n * big_keys:,}): compute φᵀg first, a [B, d, d] matrix, then θ (φᵀg) / N'")
-        return f"largest tensor built: {seen.largest:,} elements (the map would have {big_n * big_keys:,})"
+        return f"largest tensor {seen.largest:,} values (the map: {big_n * big_keys:,})"
 
-    report.run("builds no N x N' map (re-associated)", linear_in_n)
+    report.run("no N x N' map built", linear_in_n)
     return report
