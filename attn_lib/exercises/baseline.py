@@ -22,6 +22,7 @@ import torch
 
 from ..data import PAD
 from ..train import accuracy as reference_accuracy
+from .report import validate_checkers
 from .report import Report
 
 __all__ = ["check_accuracy", "check_stratified_split", "check_random_crop_flip"]
@@ -415,3 +416,6 @@ def check_random_crop_flip(fn: Callable[[torch.Tensor, torch.Generator], torch.T
     report.run("each image gets its own crop", per_image)
     report.run("randomness comes from the generator", reproducible)
     return report
+
+
+validate_checkers(globals())

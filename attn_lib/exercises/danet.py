@@ -30,6 +30,7 @@ from torch import nn
 from ..bench_modules import _AttentionKernels
 from ..modules.danet import PositionAttention
 from .cbam import _build, _gradients_reach
+from .report import validate_checkers
 from .report import Report, call_module, compare
 
 __all__ = ["check_fused_position", "check_map_memory", "check_position_attention", "map_mib"]
@@ -310,3 +311,6 @@ def check_fused_position(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor]
 
     report.run("runs a fused kernel (no N x N map stored)", fused)
     return report
+
+
+validate_checkers(globals())

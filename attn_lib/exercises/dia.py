@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.dia import DIALSTMCell
+from .report import validate_checkers
 from .report import Report, compare
 
 __all__ = ["ZERO_STATE_STATEMENTS", "check_dia_cell", "check_parameter_counts", "check_zero_state"]
@@ -329,3 +330,6 @@ def check_zero_state(answer: Iterable[str] | str) -> Report:
             report.add(f"({letter}) {short}", False,
                        ("true, but not chosen: " if true else "chosen, but false: ") + why)
     return report
+
+
+validate_checkers(globals())

@@ -24,6 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..modules.nonlocal_block import NonLocalBlock
+from .report import validate_checkers
 from .report import Report, call_module, compare
 
 __all__ = ["reference_embedded", "check_embedded_gaussian_block", "map_mib", "check_map_memory",
@@ -370,3 +371,6 @@ def check_dot_form(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torc
 
     report.run("no N x N' map built", linear_in_n)
     return report
+
+
+validate_checkers(globals())

@@ -97,3 +97,38 @@ def expect_arguments(checker: str, *, cls=None, fn=None, **numbers) -> None:
             raise TypeError(f"{checker}: expected {name} as an integer, got {type(value).__name__} {value!r}")
         if value < 1:
             raise ValueError(f"{checker}: expected {name} >= 1, got {value}")
+
+
+#: The first parameter of a checker that receives the student's class, or the student's function.
+_CLASS_PARAMETERS, _FUNCTION_PARAMETERS = ("cls",), ("fn", "select", "step")
+
+
+def validate_checkers(namespace: dict) -> None:
+    """Wrap every ``check_*`` function of a checker module so that its arguments go through
+    :func:`expect_arguments` first: a class where a class is expected (not an instance), a function
+    where a function is expected, sizes as positive integers. Answers (a set of letters, a dict of
+    shapes) are left to the checker, which reports on them."""
+    import functools
+    import inspect
+
+    for name, checker in list(namespace.items()):
+        if not (name.startswith("check_") and inspect.isfunction(checker)) or hasattr(checker, "__wrapped__"):
+            continue
+        signature = inspect.signature(checker)
+        params = list(signature.parameters.values())
+
+        @functools.wraps(checker)
+        def wrapper(*args, _checker=checker, _signature=signature, _params=params, **kwargs):
+            try:
+                bound = _signature.bind(*args, **kwargs)
+            except TypeError as err:
+                raise TypeError(f"{_checker.__name__}{_signature}: {err}") from None
+            bound.apply_defaults()
+            first = _params[0].name
+            kinds = {"cls": bound.arguments[first]} if first in _CLASS_PARAMETERS else \
+                {"fn": bound.arguments[first]} if first in _FUNCTION_PARAMETERS else {}
+            numbers = {p.name: bound.arguments[p.name] for p in _params[1:] if p.annotation in (int, "int")}
+            expect_arguments(_checker.__name__, **kinds, **numbers)
+            return _checker(*args, **kwargs)
+
+        namespace[name] = wrapper

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..modules.eca import eca_kernel_size
 from ..modules.se import SqueezeExcitation
+from .report import validate_checkers
 from .report import Report, call_module, compare
 
 __all__ = ["check_squeeze_excitation", "check_eca_kernel_size", "fully_connected_layers"]
@@ -323,3 +324,6 @@ def check_eca_kernel_size(fn: Callable[..., int]) -> Report:
 
     report.run("uses gamma and b", uses_gamma_and_b)
     return report
+
+
+validate_checkers(globals())

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..models.densenet import DenseNet, densenet121
 from ..modules.triple import ElementWiseAttention
+from .report import validate_checkers
 from .report import Report, compare
 
 __all__ = ["check_element_wise", "check_training_step", "check_shapes", "small_triple_densenet"]
@@ -317,3 +318,6 @@ def check_shapes(answer: dict | Callable[[], dict], batch: int = 8, image_size: 
             return f"{list(expected)}"
         report.run(key, one)
     return report
+
+
+validate_checkers(globals())
