@@ -354,3 +354,22 @@ def benchmark_rows(attentions: Sequence[str], names: Sequence[str] = ("bench-mod
 
 __all__ += ["benchmark_rows", "count_macs", "count_parameters", "normalised_images", "paired_comparison",
             "predict", "seed_difference", "seed_summary", "step_seconds"]
+
+
+def print_wrapped(obj, width: int = 88, indent: int = 4) -> None:
+    """Print ``str(obj)`` with every line longer than ``width`` wrapped, the continuation lines
+    indented by ``indent`` spaces more than the line they continue (a checker's report, a long
+    error message): the book's pages then never scroll sideways."""
+    import textwrap
+
+    if width < 20:
+        raise ValueError(f"expected a width of at least 20 columns, got {width}")
+    out = []
+    for line in str(obj).splitlines() or [""]:
+        lead = " " * (len(line) - len(line.lstrip(" ")) + indent)
+        out.extend(textwrap.wrap(line, width=width, subsequent_indent=lead, break_long_words=True,
+                                 break_on_hyphens=False, drop_whitespace=True) or [""])
+    print("\n".join(out))
+
+
+__all__ += ["print_wrapped"]

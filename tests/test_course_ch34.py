@@ -179,3 +179,14 @@ def test_diagrams_draw_their_steps(draw, words):
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert all(w in texts for w in words), texts
     plt.close(fig)
+
+
+def test_print_wrapped_keeps_every_word_within_the_width(capsys):
+    text = "title\n  ✓ " + " ".join(f"word{i}" for i in range(60)) + "\nshort"
+    course.print_wrapped(text, width=40)
+    out = capsys.readouterr().out
+    assert all(len(line) <= 40 for line in out.splitlines())
+    assert out.split() == text.split()
+    assert out.splitlines()[2].startswith("      word")   # 2 spaces of the line + 4 more
+    with pytest.raises(ValueError, match="at least 20"):
+        course.print_wrapped("x", width=5)
