@@ -4,6 +4,7 @@
     python -m attn_lib train --dataset synthetic --epochs 2 --device cpu --out runs/x
     python -m attn_lib bench train
     python -m attn_lib bench modules
+    python -m attn_lib chapter run 05_danet --full
 """
 from __future__ import annotations
 
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="results file (default: printed only)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--compile", action="store_true", help="also measure the fast pipeline under torch.compile")
+    c = sub.add_parser("chapter", help="run a chapter as a script, without Jupyter",
+                       description="Run a chapter's code cells in order, as a script (figures off-screen). "
+                                   "Full mode writes its runs to runs/<chapter>/ as the notebook does; "
+                                   "ATTN_LIB_TOY=1 runs full mode at toy size.")
+    c.add_argument("action", choices=["run", "list"])
+    c.add_argument("name", nargs="?", default=None, help="chapter: 05_danet, 05 or 5")
+    c.add_argument("--full", action="store_true", help="full mode (FULL = True): train for real")
     return parser
 
 
@@ -96,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2 if isinstance(err, (DataNotFoundError, ValueError)) else 1
         print(f"wrote {args.out}/history.json and {args.out}/checkpoint.pt")
         return 0
+    if args.command == "chapter":
+        from . import chapters
+
+        if args.action == "run" and args.name is None:
+            print("error: chapter run needs a chapter name (python -m attn_lib chapter list)", file=sys.stderr)
+            return 2
+        return chapters.main(args)
     from . import bench
 
     results = bench.run(args.what, device=args.device, steps=args.steps, seed=args.seed,

@@ -8,7 +8,7 @@ these helpers, so that every chapter behaves the same way and each helper is wri
     cmp("gates", mine, theirs)                        # exact / close / max diff, then assert_close
 
 Full mode at toy size (for tests): with the environment variable ``ATTN_LIB_TOY=1`` the runs that
-full mode trains shrink to one short epoch of a width-8 network on the synthetic stand-in, on the
+full mode trains shrink to one short epoch of a narrow network (width 16) on the synthetic stand-in, on the
 CPU. The same code runs; only the size changes. Quick mode and real full mode ignore the variable.
 """
 from __future__ import annotations
@@ -23,15 +23,19 @@ import torch
 from . import results
 from .data import ArrayDataset, DataNotFoundError, default_data_dir, load_cifar
 
-__all__ = ["TOY_ENV", "chapter_data", "cmp", "full_mode_config", "full_mode_estimate", "run_label", "toy",
+__all__ = ["RUNS_ENV", "TOY_ENV", "runs_dir", "chapter_data", "cmp", "full_mode_config", "full_mode_estimate", "run_label", "toy",
            "train_or_load"]
 
 #: Set to 1 to run full mode at toy size (see the module docstring). Read in one place: :func:`toy`.
 TOY_ENV = "ATTN_LIB_TOY"
+#: Where full mode writes its runs, if set (default: ``runs/`` beside ``data/``).
+RUNS_ENV = "ATTN_LIB_RUNS_DIR"
 #: What full mode shrinks to under ``ATTN_LIB_TOY=1``.
 TOY_OVERRIDES = dict(dataset="synthetic", epochs=1, batch_size=64, val_size=128, device="cpu",
                      amp=False, compile=False)
-TOY_WIDTH = 8
+#: Toy size of each backbone: the narrowest that every mechanism accepts (r = 16 needs 16 channels).
+TOY_MODEL_KWARGS = {"resnet18": {"width": 16}, "resnet34": {"width": 16},
+                    "densenet121": {"growth_rate": 8, "num_init_features": 16, "block_config": (2, 2, 2, 2)}}
 #: Full mode trains as long as the recorded GPU runs it is compared with (``cifar10-h200-r18``).
 FULL_MODE_EPOCHS = 20
 
@@ -46,12 +50,24 @@ def toy() -> bool:
     raise ValueError(f"{TOY_ENV}={value!r}: expected 1 (toy-size full mode) or 0")
 
 
+def runs_dir() -> Path:
+    """Where full mode's runs go: ``$ATTN_LIB_RUNS_DIR``, else ``runs/`` at the checkout's root
+    (beside ``data/``; both are ignored by git), else ``./runs``."""
+    if os.environ.get(RUNS_ENV):
+        return Path(os.environ[RUNS_ENV])
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").is_file() and (folder / "attn_lib").is_dir():
+            return folder / "runs"
+    return Path("runs")
+
+
 def full_mode_config(attention: str | None = None, *, seed: int = 0, model: str = "resnet18",
                      model_kwargs: dict | None = None, **overrides):
     """The :class:`~attn_lib.train.TrainConfig` full mode trains: the fast preset on CIFAR-10 for
     :data:`FULL_MODE_EPOCHS` epochs, like the recorded GPU runs it is compared with.
 
-    Under ``ATTN_LIB_TOY=1`` the same run shrinks (synthetic data, one epoch, width 8, CPU).
+    Under ``ATTN_LIB_TOY=1`` the same run shrinks (synthetic data, one epoch, a narrow network, CPU).
     """
     from .train import TrainConfig
 
@@ -62,7 +78,7 @@ def full_mode_config(attention: str | None = None, *, seed: int = 0, model: str 
     fields.update(overrides)
     if toy():
         fields.update(TOY_OVERRIDES)
-        fields["model_kwargs"] = {**model_kwargs, "width": TOY_WIDTH}
+        fields["model_kwargs"] = {**model_kwargs, **TOY_MODEL_KWARGS.get(model, {})}
     return TrainConfig.from_preset("fast", **fields)
 
 
@@ -95,7 +111,7 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
             print(f"not in the recorded runs {recorded!r}: {', '.join(missing)}")
         return {n: {s: h for s, h in stored[n].items() if s in seeds} or stored[n]
                 for n in names if n in stored}
-    out_root = default_data_dir().parent / "runs" / chapter
+    out_root = runs_dir() / chapter
     trained: dict[str, dict[int, dict]] = {}
     for name in names:
         attention = None if name == "none" else name

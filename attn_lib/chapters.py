@@ -1,0 +1,128 @@
+"""Run a chapter as a plain Python script, without Jupyter: ``python -m attn_lib chapter run 02_se``.
+
+A GPU machine often has PyTorch but no Jupyter. This reads the chapter's ``.ipynb`` (it is JSON),
+sets the first cell's switch (``FULL = True`` with ``--full``), and executes the code cells in order
+in one namespace, in the ``notebooks/`` folder as a kernel would, with figures drawn off-screen.
+Training cells write their runs where the chapter expects them (``runs/<chapter>/`` at the root of
+the checkout), so a later run of the notebook itself resumes or reuses them.
+
+    python -m attn_lib chapter list
+    python -m attn_lib chapter run 05_danet --full          # full mode, on the GPU if there is one
+    ATTN_LIB_TOY=1 python -m attn_lib chapter run 05_danet --full   # the same code at toy size
+"""
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+__all__ = ["ChapterError", "chapter_path", "code_cells", "list_chapters", "run_chapter"]
+
+FULL_SWITCH = re.compile(r"^FULL\s*=\s*(True|False)\b", re.M)
+
+
+class ChapterError(RuntimeError):
+    """A chapter could not be found, read, or run; the message says which cell failed."""
+
+
+def _notebooks_dir() -> Path:
+    from .data import default_data_dir
+
+    root = default_data_dir().parent
+    for folder in (root / "notebooks", Path.cwd() / "notebooks", Path.cwd()):
+        if any(folder.glob("[0-9][0-9]_*.ipynb")):
+            return folder
+    raise ChapterError("no chapters found: run this from the course's checkout (the folder with notebooks/)")
+
+
+def list_chapters() -> list[str]:
+    """The chapters' names (``01_baseline``, ``02_se``, ...), in course order."""
+    return sorted(p.stem for p in _notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+
+
+def chapter_path(name: str) -> Path:
+    """The notebook of chapter ``name``: its full name, its number (``5``) or a unique prefix."""
+    names = list_chapters()
+    key = str(name).removesuffix(".ipynb")
+    if key.isdigit():
+        key = f"{int(key):02d}_"
+    matches = [n for n in names if n == key] or [n for n in names if n.startswith(key)]
+    if len(matches) != 1:
+        raise ChapterError(f"unknown chapter {name!r}; expected one of {', '.join(names)}")
+    return _notebooks_dir() / f"{matches[0]}.ipynb"
+
+
+def code_cells(path: Path, full: bool) -> list[str]:
+    """The chapter's code cells as Python source, with the first cell's switch set to ``full``.
+
+    IPython-only lines (``%magic``, ``!shell``) are dropped; the course's chapters use none outside
+    comments, so this changes nothing they run.
+    """
+    try:
+        notebook = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ChapterError(f"cannot read {path}: {err}") from err
+    cells = ["".join(c["source"]) for c in notebook.get("cells", []) if c.get("cell_type") == "code"]
+    if not cells or not FULL_SWITCH.search(cells[0]):
+        raise ChapterError(f"{path}: the first code cell must set FULL = True/False")
+    cells[0] = FULL_SWITCH.sub(f"FULL = {full}", cells[0], count=1)
+    return ["\n".join(line for line in cell.splitlines() if not line.lstrip().startswith(("%", "!")))
+            for cell in cells]
+
+
+def run_chapter(name: str, full: bool = False, log=print) -> dict:
+    """Execute chapter ``name`` as a script; returns ``{"cells": n, "seconds": t}``.
+
+    Raises :class:`ChapterError` naming the cell (its number among the code cells and first line)
+    when one fails.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = chapter_path(name)
+    cells = code_cells(path, full)
+    namespace = {"__name__": "__main__", "display": _display}
+    start, cwd = time.perf_counter(), Path.cwd()
+    os.chdir(path.parent)
+    try:
+        for i, source in enumerate(cells, start=1):
+            first = next((ln for ln in source.splitlines() if ln.strip()), "")[:70]
+            log(f"[{path.stem}] cell {i}/{len(cells)}: {first}")
+            try:
+                exec(compile(source, f"<{path.stem} cell {i}>", "exec"), namespace)
+            except Exception as err:
+                detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+                raise ChapterError(f"{path.stem}, code cell {i} ({first!r}) failed: {detail}") from err
+            finally:
+                plt.close("all")
+    finally:
+        os.chdir(cwd)
+    return {"cells": len(cells), "seconds": time.perf_counter() - start}
+
+
+def _display(*objects, **_kwargs) -> None:
+    """IPython's ``display`` outside IPython: print what can be printed."""
+    for obj in objects:
+        builtins.print(obj if isinstance(obj, str) else repr(obj))
+
+
+def main(args) -> int:
+    """The ``chapter`` subcommand of the CLI."""
+    if args.action == "list":
+        print("\n".join(list_chapters()))
+        return 0
+    try:
+        done = run_chapter(args.name, full=args.full)
+    except ChapterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.name}: {done['cells']} code cells in {done['seconds']:.0f} s "
+          f"({'full' if args.full else 'quick'} mode)")
+    return 0

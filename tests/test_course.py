@@ -1,0 +1,83 @@
+"""The helpers every chapter shares: the toy switch, recorded-or-fresh runs, data, comparisons."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attn_lib import course, data, results
+
+
+@pytest.mark.parametrize("value, expected", [("", False), ("0", False), ("1", True), ("true", True)])
+def test_toy_switch(monkeypatch, value, expected):
+    monkeypatch.setenv(course.TOY_ENV, value)
+    assert course.toy() is expected
+
+
+def test_toy_switch_refuses_other_values(monkeypatch):
+    monkeypatch.setenv(course.TOY_ENV, "maybe")
+    with pytest.raises(ValueError, match="ATTN_LIB_TOY='maybe': expected 1"):
+        course.toy()
+
+
+def test_full_mode_config_is_the_recorded_runs_recipe_and_shrinks_under_toy(monkeypatch):
+    monkeypatch.delenv(course.TOY_ENV, raising=False)
+    cfg = course.full_mode_config("se", seed=2)
+    recorded = results.load_runs("cifar10-h200-r18")["se"][2]["config"]
+    for key in ("dataset", "model", "attention", "epochs", "batch_size", "lr", "preset", "seed"):
+        assert getattr(cfg, key) == recorded[key], key
+    monkeypatch.setenv(course.TOY_ENV, "1")
+    toy = course.full_mode_config("se", seed=2, model_kwargs={"reduction": 8})
+    assert (toy.dataset, toy.epochs, toy.device) == ("synthetic", 1, "cpu")
+    assert toy.model_kwargs == {"reduction": 8, "width": 16}
+
+
+def test_train_or_load_reads_recorded_seeds_and_reports_missing_names(capsys):
+    runs = course.train_or_load("02_se", ["none", "se", "nothing"], full=False, recorded="cifar10-h200-r18",
+                                seeds=(0, 1, 2))
+    assert set(runs) == {"none", "se"} and sorted(runs["se"]) == [0, 1, 2]
+    assert "not in the recorded runs 'cifar10-h200-r18': nothing" in capsys.readouterr().out
+    assert course.run_label(runs["se"][1]).startswith("recorded: NVIDIA H200, commit a4d04bebb2, seed 1")
+    with pytest.raises(TypeError, match="list of attention names"):
+        course.train_or_load("02_se", "se", full=False, recorded="cifar10-h200-r18")
+
+
+def test_train_or_load_trains_in_full_mode_and_marks_the_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv(course.TOY_ENV, "1")
+    monkeypatch.setenv(course.RUNS_ENV, str(tmp_path))
+    runs = course.train_or_load("99_toy", ["none", "se"], full=True, recorded="cifar10-h200-r18", progress=False)
+    assert sorted(runs) == ["none", "se"]
+    assert (tmp_path / "99_toy" / "se-s0" / "history.json").is_file()
+    assert course.run_label(runs["se"][0]).startswith("trained in this session")
+
+
+def test_chapter_data_falls_back_loudly(monkeypatch, tmp_path, capsys):
+    def offline(*args, **kwargs):
+        if args[0] == "cifar10":
+            raise data.DataNotFoundError("offline")
+        return data.make_synthetic(64)
+
+    monkeypatch.setattr(course, "load_cifar", offline)
+    got = course.chapter_data("test", tmp_path)
+    assert got.name == "synthetic"
+    out = capsys.readouterr().out
+    assert "CIFAR-10 is not in" in out and "SYNTHETIC" in out
+
+
+def test_cmp_prints_and_asserts(capsys):
+    a = torch.arange(6.0).view(2, 3)
+    course.cmp("same", a, a.clone())
+    assert "exact: True" in capsys.readouterr().out
+    with pytest.raises(AssertionError):
+        course.cmp("off", a, a + 1)
+    with pytest.raises(AssertionError, match="shapes differ"):
+        course.cmp("shape", a, a.view(3, 2))
+
+
+def test_full_mode_estimate_scales_with_runs_and_is_slower_on_a_t4():
+    one = course.full_mode_estimate(["none"])
+    three = course.full_mode_estimate(["none"], seeds=(0, 1, 2))
+    assert three["H100-class minutes"] == pytest.approx(3 * one["H100-class minutes"])
+    assert one["T4-class minutes"] > 10 * one["H100-class minutes"]
+    assert course.full_mode_estimate(["se"])["H100-class minutes"] > one["H100-class minutes"]
+    with pytest.raises(ValueError, match="no GPU benchmark for"):
+        course.full_mode_estimate(["triple"])
