@@ -60,8 +60,8 @@ def chapter_path(name: str) -> Path:
 def code_cells(path: Path, full: bool) -> list[str]:
     """The chapter's code cells as Python source, with the first cell's switch set to ``full``.
 
-    IPython-only lines (``%magic``, ``!shell``) are dropped; the course's chapters use none outside
-    comments, so this changes nothing they run.
+    IPython-only lines (``%magic``, ``!shell``) become ``pass`` (the course's chapters need none of
+    them outside Colab's install branch).
     """
     try:
         notebook = json.loads(Path(path).read_text())
@@ -71,8 +71,17 @@ def code_cells(path: Path, full: bool) -> list[str]:
     if not cells or not FULL_SWITCH.search(cells[0]):
         raise ChapterError(f"{path}: the first code cell must set FULL = True/False")
     cells[0] = FULL_SWITCH.sub(f"FULL = {full}", cells[0], count=1)
-    return ["\n".join(line for line in cell.splitlines() if not line.lstrip().startswith(("%", "!")))
-            for cell in cells]
+    return [strip_magics(cell) for cell in cells]
+
+
+def strip_magics(source: str) -> str:
+    """``source`` with each IPython-only line (``%magic``, ``!shell``) replaced by ``pass``."""
+    lines = source.splitlines()
+    for i, line in enumerate(lines):
+        body = line.lstrip()
+        if body.startswith(("%", "!")):
+            lines[i] = line[: len(line) - len(body)] + "pass"
+    return "\n".join(lines)
 
 
 def run_chapter(name: str, full: bool = False, log=print) -> dict:

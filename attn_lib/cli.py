@@ -5,6 +5,8 @@
     python -m attn_lib bench train
     python -m attn_lib bench modules
     python -m attn_lib chapter run 05_danet --full
+    python -m attn_lib classroom export handout/
+    python -m attn_lib classroom grade submissions/ --out grades.csv
 """
 from __future__ import annotations
 
@@ -79,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["run", "list"])
     c.add_argument("name", nargs="?", default=None, help="chapter: 05_danet, 05 or 5")
     c.add_argument("--full", action="store_true", help="full mode (FULL = True): train for real")
+    k = sub.add_parser("classroom", help="student versions of the chapters, and grading",
+                       description="export: write every chapter without its solution cells (or, with "
+                                   "--keep-solutions, the teacher's copy). grade: run the exercises of every "
+                                   "submitted notebook in a fresh process with a time limit and write one CSV "
+                                   "row per student and exercise, plus a Markdown report beside it.")
+    k.add_argument("action", choices=["export", "grade"])
+    k.add_argument("path", help="export: the folder to write; grade: the folder of submissions "
+                                "(one notebook or one folder per student)")
+    k.add_argument("--chapters", nargs="+", metavar="CHAPTER", help="export only these (e.g. 02 05_danet)")
+    k.add_argument("--keep-solutions", action="store_true", help="export the teacher's copy, solutions kept")
+    k.add_argument("--out", default="grades.csv", help="grade: the CSV to write (default grades.csv)")
+    k.add_argument("--time-limit", type=float, default=300.0, metavar="SECONDS",
+                   help="grade: time allowed per notebook (default 300)")
+    k.add_argument("--workers", type=int, default=1, help="grade: notebooks graded at once (default 1)")
     return parser
 
 
@@ -111,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             print("error: chapter run needs a chapter name (python -m attn_lib chapter list)", file=sys.stderr)
             return 2
         return chapters.main(args)
+    if args.command == "classroom":
+        from . import classroom
+
+        return classroom.main(args)
     from . import bench
 
     results = bench.run(args.what, device=args.device, steps=args.steps, seed=args.seed,

@@ -1,0 +1,347 @@
+"""Hand the chapters out without their solutions, and grade what comes back.
+
+    python -m attn_lib classroom export handout/               # student versions of every chapter
+    python -m attn_lib classroom export teacher/ --keep-solutions --chapters 02 05
+    python -m attn_lib classroom grade submissions/ --out grades.csv
+
+The chapters mark their exercises with cell tags (the convention of nbgrader's solution cells and
+Neuromatch's stubs): ``exercise-stub`` is the cell a student fills in (it raises
+``NotImplementedError`` until then), ``exercise-check`` calls a checker from
+:mod:`attn_lib.exercises` on the student's code, and every cell whose tags contain ``solution``
+(code or markdown) is the answer. Exporting removes the solution cells; nothing else changes.
+
+Grading runs, for each submitted notebook and in a fresh Python process with a time limit, the
+chapter's set-up cells (the code cells before its first section) and its exercise section, in
+order, with each ``exercise-check`` cell replaced by the course's own version of that check (a
+student cannot edit the checker away). Each exercise scores its points when every check of the
+checker's report passes. A notebook that raises, loops, exits or is not a notebook scores what it
+earned until then, and the run goes on with the next one.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import csv
+import html
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["Exercise", "exercises", "export", "grade", "is_solution"]
+
+SOLUTION_TAG, STUB_TAG, CHECK_TAG = "solution", "exercise-stub", "exercise-check"
+METADATA_KEY = "attn_lib"
+EXERCISES_HEADING = re.compile(r"^##\s+Exercises\b", re.M)
+SECTION_HEADING = re.compile(r"^##\s", re.M)
+HEADING = re.compile(r"^#{2,3}\s", re.M)
+
+
+def _tags(cell: dict) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def is_solution(cell: dict) -> bool:
+    """A solution cell: any of its tags contains the word ``solution``."""
+    return any(SOLUTION_TAG in tag for tag in _tags(cell))
+
+
+def _source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else str(src)
+
+
+def _read(path: Path) -> dict:
+    try:
+        notebook = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable notebook: {err}") from err
+    if not isinstance(notebook, dict) or not isinstance(notebook.get("cells"), list):
+        raise ValueError(f"{path} is not a notebook: expected a JSON object with a 'cells' list")
+    return notebook
+
+
+def _chapters_dir() -> Path:
+    from .chapters import chapter_path
+
+    return chapter_path("1").parent
+
+
+def _select(chapters: Sequence[str] | None) -> list[Path]:
+    from .chapters import chapter_path, list_chapters
+
+    return [chapter_path(c) for c in (chapters or list_chapters())]
+
+
+# ----------------------------------------------------------------------------- export
+def export(out_dir: str | Path, chapters: Sequence[str] | None = None, keep_solutions: bool = False) -> list[Path]:
+    """Write the student version of each chapter into ``out_dir``; returns the files written.
+
+    Solution cells (code and markdown) are removed, with their outputs; every other cell is kept as
+    it is. ``keep_solutions=True`` writes the teacher's copy instead (everything kept). Each
+    notebook records its chapter in ``metadata["attn_lib"]["chapter"]``, which the grader reads.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in _select(chapters):
+        notebook = _read(path)
+        student = copy.deepcopy(notebook)
+        if not keep_solutions:
+            student["cells"] = [c for c in student["cells"] if not is_solution(c)]
+        student.setdefault("metadata", {})[METADATA_KEY] = {
+            "chapter": path.stem, "version": "teacher" if keep_solutions else "student"}
+        target = out / path.name
+        target.write_text(json.dumps(student, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        written.append(target)
+    return written
+
+
+# ----------------------------------------------------------------------------- the exercises
+@dataclass(frozen=True)
+class Exercise:
+    chapter: str
+    number: int  # order of the check among the chapter's checks, from 1
+    title: str  # the "### Exercise N: ..." heading above the check
+    check: str  # the course's source of the check cell
+    points: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.chapter}:{self.number}"
+
+
+def exercises(chapter: str | Path) -> list[Exercise]:
+    """The graded exercises of a chapter: one per ``exercise-check`` cell, in order."""
+    path = Path(chapter) if str(chapter).endswith(".ipynb") else _select([str(chapter)])[0]
+    found, title = [], ""
+    for cell in _read(path)["cells"]:
+        if cell.get("cell_type") == "markdown":
+            heading = re.search(r"^###\s+(.+)$", _source(cell), re.M)
+            title = heading.group(1).strip() if heading else title
+        elif CHECK_TAG in _tags(cell) and not is_solution(cell):
+            points = int(cell.get("metadata", {}).get("points", 1))
+            found.append(Exercise(path.stem, len(found) + 1, title, _source(cell), points))
+    return found
+
+
+def _graded_cells(notebook: dict, checks: list[Exercise]) -> list[tuple[str, str | None]]:
+    """``(source, exercise key or None)`` to run: the set-up cells, then the exercise section.
+
+    The student's check cells are not run; the course's version of each check runs at the end of
+    its exercise (before the next heading), after everything the student wrote for it.
+    """
+    cells = notebook["cells"]
+    first_section = next((i for i, c in enumerate(cells) if c.get("cell_type") == "markdown"
+                          and SECTION_HEADING.search(_source(c))), len(cells))
+    exercises_at = next((i for i, c in enumerate(cells) if c.get("cell_type") == "markdown"
+                         and EXERCISES_HEADING.search(_source(c))), len(cells))
+    run: list[tuple[str, str | None]] = []
+    pending: list[Exercise] = []
+    n_checks = 0
+    for i, cell in enumerate(cells):
+        if not (i < first_section or i > exercises_at):
+            continue
+        if cell.get("cell_type") == "markdown":
+            if HEADING.search(_source(cell)):
+                run += [(ex.check, ex.key) for ex in pending]
+                pending = []
+        elif cell.get("cell_type") == "code":
+            if CHECK_TAG in _tags(cell):
+                if n_checks < len(checks):
+                    pending.append(checks[n_checks])
+                n_checks += 1
+            else:
+                run.append((_source(cell), None))
+    pending += checks[n_checks:]  # a check cell the student deleted is still run, at the end
+    return run + [(ex.check, ex.key) for ex in pending]
+
+
+def _run_cells(plan_path: str, log_path: str) -> None:
+    """Child process: run the planned cells; append one JSON line per graded check to the log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .chapters import strip_magics
+    from .exercises.report import Report
+
+    plan = json.loads(Path(plan_path).read_text())
+    os.chdir(plan["cwd"])
+    alarm = hasattr(signal, "setitimer")
+    if alarm:
+        def too_long(*_):
+            raise TimeoutError(f"the cell ran for more than {plan['cell_limit']:.0f} s")
+        signal.signal(signal.SIGALRM, too_long)
+    namespace = {"__name__": "__main__", "display": lambda *a, **k: None}
+    with open(log_path, "a", encoding="utf-8") as log:
+        for source, key in plan["cells"]:
+            record = {"key": key}
+            try:
+                if alarm:
+                    signal.setitimer(signal.ITIMER_REAL, plan["cell_limit"])
+                tree = ast.parse(strip_magics(source))
+                last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+                exec(compile(tree, "<cell>", "exec"), namespace)
+                value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), namespace) if last else None
+                if key is not None:
+                    if isinstance(value, Report):
+                        failed = [f"{name}: {detail}" for name, ok, detail in value.checks if not ok]
+                        record.update(passed=value.passed, message="; ".join(failed) or "all checks passed")
+                    else:
+                        record.update(passed=False, message="the check did not return a report")
+            except BaseException as err:  # noqa: BLE001 - the student's code may raise anything, exit included
+                if key is None:
+                    continue
+                where = traceback.format_exception_only(type(err), err)[-1].strip()
+                record.update(passed=False, message=f"the check raised {where}")
+            finally:
+                if alarm:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            if key is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+
+
+# ----------------------------------------------------------------------------- grade
+def _chapter_of(notebook: dict, references: dict[str, dict]) -> str | None:
+    stamped = notebook.get("metadata", {}).get(METADATA_KEY, {}).get("chapter")
+    if stamped in references:
+        return stamped
+    first = next((_source(c).strip().splitlines()[0] for c in notebook["cells"]
+                  if c.get("cell_type") == "markdown" and _source(c).strip()), None)
+    for name, ref in references.items():
+        ref_first = next((_source(c).strip().splitlines()[0] for c in ref["cells"]
+                          if c.get("cell_type") == "markdown" and _source(c).strip()), None)
+        if first and first == ref_first:
+            return name
+    return None
+
+
+def _submissions(folder: Path) -> list[tuple[str, Path]]:
+    """``(student, notebook)`` pairs: a file at the top is a student by its stem; a folder is a
+    student by its name, with every notebook inside it (any depth)."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and entry.suffix == ".ipynb":
+            found.append((entry.stem, entry))
+        elif entry.is_dir() and not entry.name.startswith("."):
+            found += [(entry.name, p) for p in sorted(entry.rglob("*.ipynb")) if ".ipynb_checkpoints" not in p.parts]
+    return found
+
+
+def grade(submissions: str | Path, out_csv: str | Path, time_limit: float = 300.0, progress: bool = True,
+          workers: int = 1) -> list[dict]:
+    """Grade every notebook under ``submissions``; write ``out_csv`` and a Markdown report beside it.
+
+    One row per student, notebook and exercise: ``student, notebook, chapter, exercise, title,
+    points, max_points, passed, message``. Returns the rows.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    folder = Path(submissions)
+    if not folder.is_dir():
+        raise ValueError(f"expected a folder of submitted notebooks, got {folder}")
+    references = {p.stem: _read(p) for p in _select(None)}
+    checks = {name: exercises(_chapters_dir() / f"{name}.ipynb") for name in references}
+    jobs = _submissions(folder)
+
+    def one(job: tuple[str, Path]) -> list[dict]:
+        student, path = job
+        base = {"student": student, "notebook": str(path.relative_to(folder))}
+        try:
+            notebook = _read(path)
+        except ValueError as err:
+            return [{**base, "chapter": "", "exercise": "", "title": "", "points": 0, "max_points": 0,
+                     "passed": False, "message": str(err)}]
+        chapter = _chapter_of(notebook, references)
+        if chapter is None:
+            return [{**base, "chapter": "", "exercise": "", "title": "", "points": 0, "max_points": 0,
+                     "passed": False, "message": "not one of the course's chapters"}]
+        results = _execute(notebook, checks[chapter], time_limit)
+        rows = []
+        for ex in checks[chapter]:
+            got = results.get(ex.key, {"passed": False, "message": "not reached (an earlier cell stopped "
+                                                                    "the notebook or the time limit ran out)"})
+            rows.append({**base, "chapter": chapter, "exercise": ex.key, "title": ex.title,
+                         "points": ex.points if got["passed"] else 0, "max_points": ex.points,
+                         "passed": bool(got["passed"]), "message": got["message"]})
+        return rows
+
+    rows: list[dict] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for got in tqdm(pool.map(one, jobs), total=len(jobs), desc="grading", disable=not progress):
+            rows += got
+    _write(rows, Path(out_csv), n_notebooks=len(jobs))
+    return rows
+
+
+def _execute(notebook: dict, checks: list[Exercise], time_limit: float) -> dict[str, dict]:
+    with tempfile.TemporaryDirectory(prefix="attn-lib-grade-") as tmp:
+        plan, log = Path(tmp) / "plan.json", Path(tmp) / "log.jsonl"
+        plan.write_text(json.dumps({"cells": _graded_cells(notebook, checks), "cwd": str(_chapters_dir()),
+                                    "cell_limit": max(1.0, min(60.0, time_limit / 2))}))
+        log.touch()
+        env = {**os.environ, "MPLBACKEND": "Agg"}
+        try:
+            subprocess.run([sys.executable, "-c", "import sys; from attn_lib.classroom import _run_cells; "
+                            "_run_cells(sys.argv[1], sys.argv[2])", str(plan), str(log)],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=time_limit, env=env)
+        except subprocess.TimeoutExpired:
+            pass  # what was earned before the limit is in the log
+        found = {}
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            found[record["key"]] = record
+        return found
+
+
+def _write(rows: list[dict], out_csv: Path, n_notebooks: int) -> None:
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["student", "notebook", "chapter", "exercise", "title", "points", "max_points", "passed", "message"]
+    with out_csv.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    totals: dict[str, list[int]] = {}
+    for row in rows:
+        got = totals.setdefault(row["student"], [0, 0])
+        got[0] += row["points"]
+        got[1] += row["max_points"]
+    lines = [f"# Grades ({time.strftime('%Y-%m-%d %H:%M')})", "",
+             f"{n_notebooks} notebooks graded, {len(totals)} students.", "",
+             "| student | points | of |", "|---|---|---|"]
+    lines += [f"| {html.escape(s)} | {p} | {m} |" for s, (p, m) in sorted(totals.items())]
+    lines += ["", "## Every exercise", "", "| student | exercise | title | points | message |", "|---|---|---|---|---|"]
+    lines += [f"| {html.escape(r['student'])} | {r['exercise'] or r['notebook']} | {html.escape(r['title'])} | "
+              f"{r['points']}/{r['max_points']} | {html.escape(r['message']).replace('|', '/')[:300]} |" for r in rows]
+    out_csv.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(args) -> int:
+    """The ``classroom`` subcommand of the CLI."""
+    from .chapters import ChapterError
+
+    try:
+        if args.action == "export":
+            written = export(args.path, args.chapters, keep_solutions=args.keep_solutions)
+            kind = "teacher's copies (with solutions)" if args.keep_solutions else "student versions"
+            print(f"wrote {len(written)} {kind} to {args.path}")
+            return 0
+        rows = grade(args.path, args.out, time_limit=args.time_limit, workers=args.workers)
+    except (ValueError, ChapterError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    students = {r["student"] for r in rows}
+    print(f"graded {len({(r['student'], r['notebook']) for r in rows})} notebooks of {len(students)} "
+          f"students: {args.out} and {Path(args.out).with_suffix('.md')}")
+    return 0
