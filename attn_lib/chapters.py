@@ -7,6 +7,7 @@ Training cells write their runs where the chapter expects them (``runs/<chapter>
 the checkout), so a later run of the notebook itself resumes or reuses them.
 
     python -m attn_lib chapter list
+    python -m attn_lib chapter time --out attn_lib/results/chapters-cpu.json   # quick mode, timed
     python -m attn_lib chapter run 05_danet --full          # full mode, on the GPU if there is one
     ATTN_LIB_TOY=1 python -m attn_lib chapter run 05_danet --full   # the same code at toy size
 """
@@ -21,7 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
-__all__ = ["ChapterError", "chapter_path", "code_cells", "list_chapters", "run_chapter"]
+__all__ = ["ChapterError", "chapter_path", "code_cells", "list_chapters", "run_chapter", "time_chapters"]
 
 FULL_SWITCH = re.compile(r"^FULL\s*=\s*(True|False)\b", re.M)
 
@@ -122,16 +123,68 @@ def _display(*objects, **_kwargs) -> None:
         builtins.print(obj if isinstance(obj, str) else repr(obj))
 
 
+def time_chapters(names: list[str] | None = None, command: str | None = None) -> dict:
+    """Run each chapter in quick mode in a fresh process; record its time and what its full mode
+    would train, with full mode's estimated time on H100- and T4-class GPUs."""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from .course import PLANNED_RUNS, full_mode_estimate
+    from .provenance import provenance
+
+    rows = []
+    for name in names or list_chapters():
+        stem = chapter_path(name).stem
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run.json"
+            done = subprocess.run([sys.executable, "-m", "attn_lib", "chapter", "run", stem, "--json-out", str(out)],
+                                  capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
+            if done.returncode != 0:
+                raise ChapterError(f"{stem} failed in quick mode: {done.stderr.strip()[-1500:]}")
+            row = json.loads(out.read_text())
+        estimate = {"H100-class minutes": 0.0, "T4-class minutes": 0.0}
+        for plan in row["planned"]:
+            got = full_mode_estimate(plan["names"], plan["seeds"], model=plan["model"])
+            for key in estimate:
+                estimate[key] += got[key]
+        row["full_mode_estimate"] = estimate
+        rows.append(row)
+    del PLANNED_RUNS[:]
+    return {**provenance(torch.device("cpu"), None, command), "benchmark": "chapters",
+            "what": "wall-clock seconds of each chapter's quick mode run as a script (python -m attn_lib "
+                    "chapter run), one at a time; full mode's training time estimated by "
+                    "attn_lib.course.full_mode_estimate from the recorded GPU benchmarks",
+            "rows": rows}
+
+
 def main(args) -> int:
     """The ``chapter`` subcommand of the CLI."""
     if args.action == "list":
         print("\n".join(list_chapters()))
         return 0
     try:
+        if args.action == "time":
+            record = time_chapters([args.name] if args.name else None, command=args.command_line)
+            text = json.dumps(record, indent=1) + "\n"
+            if args.out:
+                Path(args.out).write_text(text)
+            for row in record["rows"]:
+                est = row["full_mode_estimate"]
+                print(f"{row['chapter']}: quick mode {row['seconds']:.0f} s; full mode about "
+                      f"{est['H100-class minutes']:.0f} min (H100-class), {est['T4-class minutes']:.0f} min "
+                      f"(T4-class), estimated")
+            return 0
         done = run_chapter(args.name, full=args.full)
     except ChapterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if args.json_out:
+        from .course import PLANNED_RUNS
+
+        Path(args.json_out).write_text(json.dumps({"chapter": chapter_path(args.name).stem, **done,
+                                                   "planned": PLANNED_RUNS}))
     print(f"{args.name}: {done['cells']} code cells in {done['seconds']:.0f} s "
           f"({'full' if args.full else 'quick'} mode)")
     return 0

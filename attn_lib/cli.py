@@ -78,9 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a chapter's code cells in order, as a script (figures off-screen). "
                                    "Full mode writes its runs to runs/<chapter>/ as the notebook does; "
                                    "ATTN_LIB_TOY=1 runs full mode at toy size.")
-    c.add_argument("action", choices=["run", "list"])
+    c.add_argument("action", choices=["run", "list", "time"],
+                   help="run one chapter; list them; time every chapter's quick mode into a results file")
     c.add_argument("name", nargs="?", default=None, help="chapter: 05_danet, 05 or 5")
     c.add_argument("--full", action="store_true", help="full mode (FULL = True): train for real")
+    c.add_argument("--json-out", help="run: also write the time and the runs full mode trains as JSON")
+    c.add_argument("--out", help="time: the results file to write")
     k = sub.add_parser("classroom", help="student versions of the chapters, and grading",
                        description="export: write every chapter without its solution cells (or, with "
                                    "--keep-solutions, the teacher's copy). grade: run the exercises of every "
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chapter":
         from . import chapters
 
+        args.command_line = command
         if args.action == "run" and args.name is None:
             print("error: chapter run needs a chapter name (python -m attn_lib chapter list)", file=sys.stderr)
             return 2

@@ -82,6 +82,11 @@ def full_mode_config(attention: str | None = None, *, seed: int = 0, model: str 
     return TrainConfig.from_preset("fast", **fields)
 
 
+#: What the chapters' training cells asked :func:`train_or_load` for, in this process (quick mode
+#: included): ``python -m attn_lib chapter time`` turns it into full mode's time estimates.
+PLANNED_RUNS: list[dict] = []
+
+
 def run_label(history: dict) -> str:
     """One line that says where a history came from: trained now or recorded, device, commit."""
     meta = history["meta"]
@@ -104,6 +109,7 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
 
     if isinstance(names, str):
         raise TypeError(f"expected a list of attention names, got the string {names!r}")
+    PLANNED_RUNS.append({"chapter": chapter, "names": list(names), "seeds": list(seeds), "model": model})
     if not full:
         stored = results.load_runs(recorded)
         missing = [n for n in names if n not in stored]
@@ -166,15 +172,17 @@ DATASHEET_PEAK = {"NVIDIA H200": 989e12, "H100-class": 989e12, "T4-class (fp16)"
 
 
 def full_mode_estimate(names: Sequence[str], seeds: Sequence[int] = (0,), epochs: int | None = None,
-                       train_images: int = 45_000) -> dict[str, float]:
+                       train_images: int = 45_000, model: str = "resnet18") -> dict[str, float | str]:
     """Estimated minutes of training for full mode's runs on an H100-class and a T4-class GPU.
 
     From the recorded H200 benchmarks: the fast pipeline's images/s for the plain ResNet-18
-    (``bench-train-gpu.json``) divided by each mechanism's step-time ratio
-    (``bench-modules-gpu.json``), times the epochs. An H100 has the H200's compute (its data-sheet
-    bf16 peak is the same), so the H200 time stands for it; a T4 is scaled by the ratio of
-    data-sheet peaks (fp16, 65 TFLOP/s) at the same utilisation. Estimates, not measurements:
-    evaluation and start-up (compilation, data loading) are not included.
+    (``bench-train-gpu.json``) divided by each mechanism's measured step-time ratio
+    (``bench-modules-gpu.json``), times the epochs. A network with no GPU benchmark (another
+    backbone) is scaled by its forward FLOPs relative to the plain ResNet-18 instead, at the same
+    throughput per FLOP; ``"basis"`` says which was used. An H100 has the H200's compute (the same
+    data-sheet bf16 peak), so the H200 time stands for it; a T4 is scaled by the ratio of data-sheet
+    peaks (fp16, 65 TFLOP/s) at the same utilisation. Estimates, not measurements: evaluation and
+    start-up (compilation, data loading) are not included.
     """
     if isinstance(names, str):
         raise TypeError(f"expected a list of attention names, got the string {names!r}")
@@ -182,12 +190,19 @@ def full_mode_estimate(names: Sequence[str], seeds: Sequence[int] = (0,), epochs
     fast = next(r for r in results.load("bench-train-gpu")["rows"] if r["name"] == "fast")
     ratios = {r["attention"]: r["step_time_ratio"] for r in results.load("bench-modules-gpu")["rows"]
               if r["kind"] == "mechanism"}
-    unknown = [n for n in names if n not in ratios]
-    if unknown:
-        raise ValueError(f"no GPU benchmark for {unknown}; measured: {', '.join(sorted(ratios))}")
-    seconds = sum(epochs * train_images * ratios[n] / fast["images_per_second"] for n in names) * len(seeds)
+    measured = model == "resnet18" and all(n in ratios for n in names)
+    if measured:
+        cost = [ratios[n] for n in names]
+    else:
+        from .bench_modules import forward_flops
+        from .models import build_model
+
+        base = forward_flops(build_model("resnet18", 10))
+        cost = [forward_flops(build_model(model, 10, None if n == "none" else n)) / base for n in names]
+    seconds = sum(epochs * train_images * c / fast["images_per_second"] for c in cost) * len(seeds)
     t4 = seconds * DATASHEET_PEAK["NVIDIA H200"] / DATASHEET_PEAK["T4-class (fp16)"]
-    return {"H100-class minutes": seconds / 60, "T4-class minutes": t4 / 60}
+    return {"H100-class minutes": seconds / 60, "T4-class minutes": t4 / 60,
+            "basis": "measured step-time ratios" if measured else "forward FLOPs relative to ResNet-18"}
 
 
 # ----------------------------------------------------------------------------- cost, predictions, statistics

@@ -79,5 +79,6 @@ def test_full_mode_estimate_scales_with_runs_and_is_slower_on_a_t4():
     assert three["H100-class minutes"] == pytest.approx(3 * one["H100-class minutes"])
     assert one["T4-class minutes"] > 10 * one["H100-class minutes"]
     assert course.full_mode_estimate(["se"])["H100-class minutes"] > one["H100-class minutes"]
-    with pytest.raises(ValueError, match="no GPU benchmark for"):
-        course.full_mode_estimate(["triple"])
+    assert one["basis"] == "measured step-time ratios"
+    dense = course.full_mode_estimate(["none", "triple"], model="densenet121")
+    assert dense["basis"] == "forward FLOPs relative to ResNet-18" and dense["H100-class minutes"] > 0
