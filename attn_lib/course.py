@@ -387,10 +387,12 @@ __all__ += ["benchmark_rows", "count_macs", "count_parameters", "normalised_imag
             "predict", "seed_difference", "seed_summary", "step_seconds"]
 
 
-def print_wrapped(obj, width: int = 88, indent: int = 4) -> None:
+def print_wrapped(obj, width: int = 88, indent: int = 4):
     """Print ``str(obj)`` with every line longer than ``width`` wrapped, the continuation lines
     indented by ``indent`` spaces more than the line they continue (a checker's report, a long
-    error message): the book's pages then never scroll sideways."""
+    error message): the book's pages then never scroll sideways. Returns ``obj``, so that a
+    check cell can end with ``print_wrapped(report);`` and still hand the report to the grader
+    (the semicolon keeps Jupyter from displaying it a second time)."""
     import textwrap
 
     if width < 20:
@@ -401,6 +403,7 @@ def print_wrapped(obj, width: int = 88, indent: int = 4) -> None:
         out.extend(textwrap.wrap(line, width=width, subsequent_indent=lead, break_long_words=True,
                                  break_on_hyphens=False, drop_whitespace=True) or [""])
     print("\n".join(out))
+    return obj
 
 
 __all__ += ["print_wrapped"]

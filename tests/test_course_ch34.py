@@ -183,7 +183,7 @@ def test_diagrams_draw_their_steps(draw, words):
 
 def test_print_wrapped_keeps_every_word_within_the_width(capsys):
     text = "title\n  ✓ " + " ".join(f"word{i}" for i in range(60)) + "\nshort"
-    course.print_wrapped(text, width=40)
+    assert course.print_wrapped(text, width=40) is text
     out = capsys.readouterr().out
     assert all(len(line) <= 40 for line in out.splitlines())
     assert out.split() == text.split()
