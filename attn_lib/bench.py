@@ -1,14 +1,17 @@
 """Benchmarks: speed reported as a ratio against a baseline measured in the same run.
 
-``python -m attn_lib bench train`` — images/s of one ResNet-18 training step under the seed
-pipeline (DataLoader + CPU transforms, float32, batch 128) and the fast pipeline (GPU-resident
-data, bf16 autocast, channels_last, batch 512; also compiled with ``--compile``), their ratio, and
+``python -m attn_lib bench train`` — images/s of one ResNet-18 training step under the reference
+pipeline (DataLoader + CPU transforms, float32, batch 128; with as many loader workers as the
+machine gives, up to 5, and with 2, as on a free Colab runtime) and the fast pipeline
+(GPU-resident data, bf16 autocast, channels_last, batch 512, fused SGD; also compiled, by default
+on CUDA or with ``--compile``), each row's speed-up over the reference pipeline, and
 the model FLOPs utilisation: FLOPs of a training step from :mod:`torch.utils.flop_counter` divided
 by a peak measured in the same run (a large bf16 matmul on CUDA, float32 on CPU).
 
 ``python -m attn_lib bench modules`` — for each mechanism in ResNet-18: parameters and FLOPs added,
-the training step time relative to the plain ResNet-18 measured in the same run, and peak memory;
-and explicit vs fused non-local / DANet position attention at growing feature-map sizes.
+the training step time relative to the plain ResNet-18 measured in the same run (eager, and
+compiled on CUDA), and peak memory; DenseNet-121 with and without triple attention; and explicit
+vs fused non-local / DANet position attention at growing feature-map sizes.
 These are benchmarks, never tests: timings depend on the machine.
 """
 from __future__ import annotations
@@ -102,18 +105,28 @@ def _make_step(model, optimizer, device, amp: bool, channels_last: bool):
     return step
 
 
-def bench_train(device: torch.device, steps: int | None, seed: int, compile: bool) -> dict:
+def train_configs(device: torch.device, compile: bool | None, cpus: int) -> list[dict]:
+    """The pipelines ``bench train`` measures: the reference pipeline with the machine's loader
+    workers (up to 5) and with 2 (a free Colab runtime has 2 CPU cores), the fast pipeline, and the
+    fast pipeline compiled (``compile=None``: on CUDA only)."""
+    workers = min(5, cpus)
+    reference = dict(pipeline="dataloader", batch=128, amp=False, channels_last=False, compile=False, fused=False)
+    fast = dict(pipeline="gpu", batch=512, amp=True, channels_last=True, compile=False, fused=device.type == "cuda")
+    configs = [dict(name="reference", workers=workers, **reference)]
+    if workers != 2:
+        configs.append(dict(name="reference-2-workers", workers=2, **reference))
+    configs.append(dict(name="fast", workers=0, **fast))
+    if compile or (compile is None and device.type == "cuda"):
+        configs.append(dict(name="fast+compile", workers=0, **{**fast, "compile": True}))
+    return configs
+
+
+def bench_train(device: torch.device, steps: int | None, seed: int, compile: bool | None) -> dict:
     cpu = device.type == "cpu"
     steps = steps or (3 if cpu else 50)
     warmup = 1 if cpu else 10
     torch.manual_seed(seed)
-    workers = min(5, len(__import__("os").sched_getaffinity(0)))
-    configs = [
-        dict(name="seed", pipeline="dataloader", batch=128, amp=False, channels_last=False, compile=False),
-        dict(name="fast", pipeline="gpu", batch=512, amp=True, channels_last=True, compile=False),
-    ]
-    if compile:
-        configs.append(dict(name="fast+compile", pipeline="gpu", batch=512, amp=True, channels_last=True, compile=True))
+    configs = train_configs(device, compile, len(__import__("os").sched_getaffinity(0)))
     peak = measure_peak_flops(device)
     flops_per_image = training_step_flops(resnet18(10).to(device), 8, device) / 8
     rows = []
@@ -121,39 +134,45 @@ def bench_train(device: torch.device, steps: int | None, seed: int, compile: boo
         n_images = c["batch"] * (warmup + steps + 1)
         data = _random_cifar(n_images, seed)
         model = resnet18(10).to(device, memory_format=torch.channels_last if c["channels_last"] else torch.contiguous_format)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **({"fused": True} if c["fused"] else {}))
         runner = torch.compile(model) if c["compile"] else model
         step = _make_step(runner, optimizer, device, c["amp"], c["channels_last"])
         if c["pipeline"] == "gpu":
             loader = GPULoader(data, c["batch"], True, device, c["channels_last"], drop_last=True)
             loader.generator = torch.Generator(device).manual_seed(seed)
         else:
-            loader = dataloader(data, c["batch"], True, workers, torch.Generator().manual_seed(seed),
+            loader = dataloader(data, c["batch"], True, c["workers"], torch.Generator().manual_seed(seed),
                                 pin_memory=device.type == "cuda")
         seconds = _time_steps(step, loader, warmup, steps, device)
         ips = c["batch"] / seconds
-        rows.append({**c, "workers": workers if c["pipeline"] == "dataloader" else 0, "step_seconds": seconds,
-                     "images_per_second": ips, "mfu": ips * flops_per_image / peak})
+        rows.append({**c, "step_seconds": seconds, "images_per_second": ips, "mfu": ips * flops_per_image / peak})
     base = rows[0]["images_per_second"]
+    two = next((r for r in rows if r["name"] == "reference-2-workers"), rows[0])["images_per_second"]
     for r in rows:
-        r["speedup_vs_seed"] = r["images_per_second"] / base
+        r["speedup_vs_reference"] = r["images_per_second"] / base
+        r["speedup_vs_reference_2_workers"] = r["images_per_second"] / two
     return {"benchmark": "train", "model": "resnet18 (CIFAR, 10 classes)", "data": "random CIFAR-shaped uint8",
             "timed_steps": steps, "warmup_steps": warmup, "peak_flops_measured": peak,
             "peak_dtype": "bfloat16" if device.type == "cuda" else "float32",
             "train_flops_per_image": flops_per_image, "rows": rows}
 
 
-def run(what: str, device: str = "auto", steps: int | None = None, seed: int = 0, compile: bool = False,
+def run(what: str, device: str = "auto", steps: int | None = None, seed: int = 0, compile: bool | None = None,
         command: str | None = None) -> dict:
+    """Run benchmark ``what`` (``train`` or ``modules``); ``compile=None``: compiled rows on CUDA only."""
     dev = resolve_device(device)
     if what == "train":
         body = bench_train(dev, steps, seed, compile)
     elif what == "modules":
         from .bench_modules import bench_modules
 
-        body = bench_modules(dev, steps, seed)
+        body = bench_modules(dev, steps, seed, compile=compile)
+    elif what == "danet":
+        from .bench_modules import bench_danet_position
+
+        body = bench_danet_position(dev, steps, seed)
     else:
-        raise ValueError(f"unknown benchmark {what!r}; expected 'train' or 'modules'")
+        raise ValueError(f"unknown benchmark {what!r}; expected 'train', 'modules' or 'danet'")
     return {**provenance(dev, seed, command), **body}
 
 

@@ -7,6 +7,13 @@
   each mechanism where its paper puts it, see :mod:`attn_lib.models.resnet`): parameters and
   forward FLOPs added to the plain network, the training-step time relative to the plain
   ResNet-18 *measured in the same run*, and the peak memory of a training step.
+* with ``compile=True`` (the default on CUDA) every ``"mechanism"`` row also gets
+  ``compiled_step_seconds`` and ``compiled_step_time_ratio``: the same models under
+  ``torch.compile(fullgraph=True)`` (so a graph break is an error, recorded in ``compile_error``),
+  timed in their own interleaved rounds against the compiled plain network.
+* ``"densenet"``: DenseNet-121 (CIFAR stem) without and with triple attention, the network the
+  triple-attention paper uses: parameters, FLOPs and the step-time ratio (eager, and compiled
+  when ``compile=True``).
 * ``"explicit_vs_fused"``: the non-local block (embedded gaussian, no sub-sampling, so the map is
   N x N) and the DANet position module at growing feature maps, the explicit N x N softmax against
   ``F.scaled_dot_product_attention``: forward + backward time and peak memory, with the ratios.
@@ -71,7 +78,9 @@ from .bench import _make_step, _sync, _time_steps
 from .models import resnet18
 from .registry import attention_spec, create_attention
 
-__all__ = ["MECHANISMS", "bench_modules", "mechanism_rows", "explicit_vs_fused_rows", "forward_flops"]
+__all__ = ["MECHANISMS", "attention_kernels", "bench_danet_position", "bench_modules", "compiled_step_ratios",
+           "densenet_rows", "mechanism_rows",
+           "explicit_vs_fused_rows", "forward_flops"]
 
 #: The mechanisms compared in ResNet-18 (``"none"`` is the plain network, the baseline).
 MECHANISMS = ("none", "se", "eca", "cbam", "sk", "nonlocal", "danet", "dia")
@@ -89,9 +98,11 @@ def _settings(device: torch.device) -> dict:
     """Defaults per device: the CPU ones keep the whole benchmark to a few minutes on 2 cores."""
     if device.type == "cuda":
         return dict(steps=20, warmup=5, rounds=3, batch=512, attn_sizes=(32, 64, 128), attn_batch=8,
-                    attn_channels=128, attn_rounds=5, min_seconds=0.05, threads=None)
+                    attn_channels=128, attn_rounds=5, min_seconds=0.05, threads=None, compile=True,
+                    compile_backend="inductor", densenet=True, densenet_batch=128, densenet_growth=32)
     return dict(steps=1, warmup=1, rounds=5, batch=32, attn_sizes=(16, 32, 64), attn_batch=2,
-                attn_channels=64, attn_rounds=5, min_seconds=0.25, threads=1)
+                attn_channels=64, attn_rounds=5, min_seconds=0.25, threads=1, compile=False,
+                compile_backend="inductor", densenet=True, densenet_batch=8, densenet_growth=32)
 
 
 def _dtype_name(device: torch.device) -> str:
@@ -169,6 +180,17 @@ class _AttentionKernels(TorchDispatchMode):
         if "scaled_dot_product" in name:
             self.kernels.add(name.split(".")[0])
         return func(*args, **(kwargs or {}))
+
+
+def attention_kernels(fn: Callable[[], object]) -> list[str]:
+    """The fused ``scaled_dot_product`` kernels (aten ops) that ran inside ``fn()``, sorted.
+
+    Empty when none ran: ``F.scaled_dot_product_attention`` then took its math path, which is
+    made of ordinary operations (a matrix product, a softmax, another product) and builds the
+    N x N map."""
+    with _AttentionKernels() as seen:
+        fn()
+    return sorted(seen.kernels)
 
 
 def mechanism_rows(device: torch.device, mechanisms: Sequence[str] = MECHANISMS, *, batch: int, steps: int,
@@ -357,19 +379,136 @@ def explicit_vs_fused_rows(device: torch.device, sizes: Sequence[int], *, batch:
     return rows
 
 
+def _interleaved(steps_fn: dict, batches, steps: int, rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each entry of ``steps_fn``, one measurement each per round, the order
+    rotated every round (see :func:`mechanism_rows`)."""
+    names = list(steps_fn)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(_time_steps(steps_fn[name], batches, 0, steps, device))
+    return times
+
+
+def compiled_step_ratios(device: torch.device, mechanisms: Sequence[str] = MECHANISMS, *, batch: int, steps: int,
+                         warmup: int, rounds: int, seed: int = 0, width: int = 64,
+                         backend: str = "inductor") -> dict[str, dict]:
+    """``{name: {"compiled_step_seconds", "compiled_step_time_ratio", "compile_error"}}``.
+
+    Each ResNet-18 is compiled with ``torch.compile(fullgraph=True, backend=backend)``: a graph
+    break fails the compilation, which is recorded (``compile_error``, figures ``None``) rather than
+    timed as a partly eager model. The ratio is against the compiled plain network, in interleaved
+    rounds as for the eager rows; the first steps (compilation) are untimed warm-up."""
+    mechanisms = list(mechanisms)
+    if not mechanisms or mechanisms[0] != "none":
+        raise ValueError(f"expected the mechanisms to start with the baseline 'none', got {mechanisms}")
+    fmt = torch.channels_last
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    steps_fn, errors = {}, {}
+    for name in mechanisms:
+        torch._dynamo.reset()  # a fresh cache per model: no recompilation limit shared across models
+        model = _build(name, width, seed).to(device, memory_format=fmt).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        step = _make_step(torch.compile(model, fullgraph=True, backend=backend), optimizer, device, amp=True,
+                          channels_last=True)
+        try:
+            for _ in range(max(warmup, 2)):  # compiles forward and backward
+                step(x, y)
+            _sync(device)
+            steps_fn[name] = step
+        except Exception as err:  # noqa: BLE001 - a graph break or a compiler failure, recorded
+            errors[name] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    times = _interleaved(steps_fn, itertools.repeat((x, y)), steps, rounds, device) if steps_fn else {}
+    out = {}
+    for name in mechanisms:
+        ok = name in times and "none" in times
+        out[name] = {"compiled_step_seconds": statistics.median(times[name]) if name in times else None,
+                     "compiled_step_time_ratio": _median_ratio(times, name, "none") if ok else None,
+                     "compile_error": errors.get(name)}
+    return out
+
+
+def densenet_rows(device: torch.device, *, batch: int, steps: int, warmup: int, rounds: int, seed: int = 0,
+                  growth_rate: int = 32, compile: bool = False, backend: str = "inductor") -> list[dict]:
+    """Two ``"densenet"`` rows: DenseNet-121 without and with triple attention (parameters, FLOPs,
+    step time and its ratio to the plain DenseNet in interleaved rounds; compiled too if asked)."""
+    from .models import densenet121
+
+    fmt = torch.channels_last
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    static, eager, compiled, errors = {}, {}, {}, {}
+    for name in ("none", "triple"):
+        torch.manual_seed(seed)
+        model = densenet121(10, attention=None if name == "none" else name, growth_rate=growth_rate)
+        static[name] = {"params": sum(p.numel() for p in model.parameters()), "flops_forward": forward_flops(model)}
+        model = model.to(device, memory_format=fmt).train()
+        eager[name] = _make_step(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), device,
+                                 amp=True, channels_last=True)
+        for _ in range(max(warmup, 1)):
+            eager[name](x, y)
+        if compile:
+            torch._dynamo.reset()
+            twin = densenet121(10, attention=None if name == "none" else name, growth_rate=growth_rate)
+            twin = twin.to(device, memory_format=fmt).train()
+            step = _make_step(torch.compile(twin, fullgraph=True, backend=backend),
+                              torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9), device, amp=True,
+                              channels_last=True)
+            try:
+                for _ in range(max(warmup, 2)):
+                    step(x, y)
+                compiled[name] = step
+            except Exception as err:  # noqa: BLE001 - recorded, not timed
+                errors[name] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    _sync(device)
+    batches = itertools.repeat((x, y))
+    eager_times = _interleaved(eager, batches, steps, rounds, device)
+    compiled_times = _interleaved(compiled, batches, steps, rounds, device) if compiled else {}
+    base = static["none"]
+    rows = []
+    for name in ("none", "triple"):
+        s = static[name]
+        both = name in compiled_times and "none" in compiled_times
+        rows.append({
+            "kind": "densenet",
+            "model": f"densenet121 (CIFAR, growth rate {growth_rate})",
+            "attention": name,
+            "params": s["params"],
+            "params_added_pct": 100 * (s["params"] - base["params"]) / base["params"],
+            "flops_forward": s["flops_forward"],
+            "flops_added_pct": 100 * (s["flops_forward"] - base["flops_forward"]) / base["flops_forward"],
+            "batch": batch,
+            "dtype": _dtype_name(device),
+            "rounds": rounds,
+            "steps_per_round": steps,
+            "step_seconds": statistics.median(eager_times[name]),
+            "step_time_ratio": _median_ratio(eager_times, name, "none"),
+            "compiled_step_seconds": statistics.median(compiled_times[name]) if name in compiled_times else None,
+            "compiled_step_time_ratio": _median_ratio(compiled_times, name, "none") if both else None,
+            "compile_error": errors.get(name),
+        })
+    return rows
+
+
 def bench_modules(device: torch.device, steps: int | None = None, seed: int = 0, **overrides) -> dict:
     """The module benchmark (see the module docstring); ``steps``: timed steps per measurement.
 
     ``overrides`` replace the per-device defaults (``batch``, ``warmup``, ``rounds``, ``width``,
     ``mechanisms``, ``attn_sizes``, ``attn_batch``, ``attn_channels``, ``attn_rounds``,
-    ``min_seconds``); the command line uses the defaults, tests use tiny settings.
+    ``min_seconds``, ``compile``, ``compile_backend``, ``densenet``, ``densenet_batch``,
+    ``densenet_growth``; ``None`` keeps the default); the command line uses the defaults, tests use
+    tiny settings.
     """
     device = torch.device(device)
     s = {**_settings(device), "width": 64, "mechanisms": MECHANISMS}
     unknown = set(overrides) - set(s)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {sorted(s)}")
-    s.update(overrides)
+    s.update({k: v for k, v in overrides.items() if v is not None})
     if steps is not None:
         s["steps"] = steps
     threads_before = torch.get_num_threads()
@@ -380,6 +519,16 @@ def bench_modules(device: torch.device, steps: int | None = None, seed: int = 0,
         t0 = time.perf_counter()
         rows = mechanism_rows(device, s["mechanisms"], batch=s["batch"], steps=s["steps"], warmup=s["warmup"],
                               rounds=s["rounds"], seed=seed, width=s["width"])
+        if s["compile"]:
+            compiled = compiled_step_ratios(device, s["mechanisms"], batch=s["batch"], steps=s["steps"],
+                                            warmup=s["warmup"], rounds=s["rounds"], seed=seed, width=s["width"],
+                                            backend=s["compile_backend"])
+            for row in rows:
+                row.update(compiled[row["attention"]])
+        if s["densenet"]:
+            rows += densenet_rows(device, batch=s["densenet_batch"], steps=s["steps"], warmup=s["warmup"],
+                                  rounds=s["rounds"], seed=seed, growth_rate=s["densenet_growth"],
+                                  compile=s["compile"], backend=s["compile_backend"])
         rows += explicit_vs_fused_rows(device, s["attn_sizes"], batch=s["attn_batch"],
                                        channels=s["attn_channels"], steps=s["steps"], warmup=s["warmup"],
                                        rounds=s["attn_rounds"], seed=seed, min_seconds=s["min_seconds"])
@@ -399,6 +548,65 @@ def bench_modules(device: torch.device, steps: int | None = None, seed: int = 0,
                         + ("torch.cuda.max_memory_allocated minus torch.cuda.memory_allocated" if cuda else
                            "peak RSS (resource ru_maxrss after resetting the high-water mark through "
                            "/proc/self/clear_refs, Linux) minus the RSS before; None where it cannot be reset")),
+        "cpu_threads": s["threads"],
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+        "seconds_total": elapsed,
+        "rows": rows,
+    }
+
+
+def _danet_settings(device: torch.device) -> dict:
+    """Defaults of :func:`bench_danet_position` per device. CUDA: the module as the GPU targets
+    state it (batch 8, 128 channels, bf16). CPU: batch 1 (at 128 x 128 one float32 N x N map is
+    1 GiB, and the explicit step keeps several), one thread, one step per measurement."""
+    sizes = (8, 16, 32, 64, 128)
+    if device.type == "cuda":
+        return dict(sizes=sizes, batch=8, channels=128, steps=10, warmup=3, rounds=5, min_seconds=0.05,
+                    threads=None)
+    return dict(sizes=sizes, batch=1, channels=128, steps=1, warmup=1, rounds=3, min_seconds=0.2, threads=1)
+
+
+def bench_danet_position(device: torch.device, steps: int | None = None, seed: int = 0, **overrides) -> dict:
+    """DANet's position module, explicit N x N softmax against the fused path, as the map grows.
+
+    ``python -m attn_lib bench danet`` calls it: one ``"explicit_vs_fused"`` row per size (see
+    :func:`explicit_vs_fused_rows`: forward + backward time, peak memory, the kernel the fused path
+    ran), from 8 x 8 (CIFAR's stage 3) to 128 x 128 (segmentation-sized maps). ``overrides``
+    replace the per-device defaults (``sizes``, ``batch``, ``channels``, ``warmup``, ``rounds``,
+    ``min_seconds``, ``threads``).
+    """
+    device = torch.device(device)
+    s = _danet_settings(device)
+    unknown = set(overrides) - set(s)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {sorted(s)}")
+    s.update(overrides)
+    if steps is not None:
+        s["steps"] = steps
+    threads_before = torch.get_num_threads()
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    s["threads"] = torch.get_num_threads()
+    try:
+        t0 = time.perf_counter()
+        rows = explicit_vs_fused_rows(device, s["sizes"], batch=s["batch"], channels=s["channels"],
+                                      steps=s["steps"], warmup=s["warmup"], rounds=s["rounds"], seed=seed,
+                                      min_seconds=s["min_seconds"], modules=("danet_position",))
+        elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads_before)
+    cuda = device.type == "cuda"
+    return {
+        "benchmark": "danet_position",
+        "model": f"DANet position module alone, {s['channels']} channels, batch {s['batch']}",
+        "data": "random tensors resident on the device (channels_last)",
+        "timing": ("forward + backward (gradients for the input and the parameters), "
+                   + _dtype_name(device) + "; interleaved rounds, explicit_over_fused_time is the median "
+                   "of per-round ratios"),
+        "memory_note": ("peak of one untimed step above the memory in use just before it: "
+                        + ("torch.cuda.max_memory_allocated minus torch.cuda.memory_allocated" if cuda else
+                           "peak RSS (resource ru_maxrss after resetting the high-water mark through "
+                           "/proc/self/clear_refs, Linux) minus the RSS before")),
         "cpu_threads": s["threads"],
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
         "seconds_total": elapsed,

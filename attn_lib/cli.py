@@ -1,9 +1,10 @@
 """``python -m attn_lib``: train a model, or benchmark the pipelines and the modules.
 
     python -m attn_lib train --dataset cifar10 --model resnet18 --attention se --out runs/se
-    python -m attn_lib train --dataset synthetic --epochs 2 --device cpu --out runs/x
+    python -m attn_lib train --dataset synthetic --epochs 2 --out runs/smoke
     python -m attn_lib bench train
     python -m attn_lib bench modules
+    python -m attn_lib bench danet
     python -m attn_lib chapter run 05_danet --full
     python -m attn_lib classroom export handout/
     python -m attn_lib classroom grade submissions/ --out grades.csv
@@ -14,6 +15,7 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
 
 from .registry import available_attentions
 
@@ -32,7 +34,7 @@ def _kv(text: str):
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .models import MODELS
-    from .train import PRESETS
+    from .train import PRESET_ALIASES, PRESETS, SYNTHETIC_BATCH_SIZE, SYNTHETIC_LR
 
     parser = argparse.ArgumentParser(prog="python -m attn_lib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,15 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention mechanism placed where its paper puts it (default: none)")
     t.add_argument("--option", "-o", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="model/attention option, repeatable: -o width=32 -o reduction=8")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="fast",
-                   help="seed: the circulating script's 160-epoch recipe; fast: same accuracy, far less time")
-    t.add_argument("--epochs", type=int, help="override the preset's epochs")
-    t.add_argument("--batch-size", type=int, help="override the preset's batch size")
-    t.add_argument("--lr", type=float, help="override the preset's (peak) learning rate")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; slower start)")
-    t.add_argument("--val-size", type=int, help="images held out from training for validation (default 5000)")
+    t.add_argument("--preset", choices=sorted(PRESETS) + sorted(PRESET_ALIASES), default="fast",
+                   metavar="{fast,reference}",
+                   help="fast (default): data on the GPU, bf16, one-cycle, compiled on CUDA; reference: the "
+                        "160-epoch recipe of a widely reposted training script (old name: seed)")
+    t.add_argument("--epochs", type=int, help="override the preset's epochs (at least 1)")
+    t.add_argument("--batch-size", type=int,
+                   help=f"override the preset's batch size (default on --dataset synthetic: {SYNTHETIC_BATCH_SIZE})")
+    t.add_argument("--lr", type=float, help=f"override the preset's (peak) learning rate (positive; default on "
+                                            f"--dataset synthetic: {SYNTHETIC_LR})")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on CUDA with the fast preset; a model that fails "
+                        "to compile trains eagerly, with a warning)")
+    t.add_argument("--val-size", type=int,
+                   help="images held out from training for validation (default 5000, or a fifth of a smaller set)")
     t.add_argument("--train-subset", type=int, help="train on the first N training images only")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     t.add_argument("--out", required=True, help="output directory for history.json and checkpoint.pt")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
@@ -67,13 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure speed (a benchmark, not a test)",
                        description="Benchmarks write a JSON results file with the command, commit, device and seed.")
-    b.add_argument("what", choices=["train", "modules"],
-                   help="train: seed vs fast pipeline img/s and MFU; modules: cost of each mechanism")
+    b.add_argument("what", choices=["train", "modules", "danet"],
+                   help="train: reference vs fast pipeline img/s and MFU; modules: cost of each mechanism; "
+                        "danet: DANet position attention, explicit vs fused, 8x8 to 128x128")
     b.add_argument("--device", default="auto")
     b.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     b.add_argument("--out", default=None, help="results file (default: printed only)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--compile", action="store_true", help="also measure the fast pipeline under torch.compile")
+    b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure compiled models (default: on CUDA, not on the CPU, where compiling "
+                        "every model takes minutes)")
     c = sub.add_parser("chapter", help="run a chapter as a script, without Jupyter",
                        description="Run a chapter's code cells in order, as a script (figures off-screen). "
                                    "Full mode writes its runs to runs/<chapter>/ as the notebook does; "
@@ -101,44 +113,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command = "python -m attn_lib " + shlex.join(argv)
-    if args.command == "train":
-        from .data import DataNotFoundError
-        from .train import TrainConfig, TrainingDiverged, fit
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _warning_line  # one plain line per warning, no source line
+    try:
+        if args.command == "train":
+            return _train(args, command)
+        if args.command == "chapter":
+            from . import chapters
 
-        options = dict(args.option)
-        try:
-            cfg = TrainConfig.from_preset(
-                args.preset, dataset=args.dataset, data_dir=args.data_dir, download=not args.no_download,
-                model=args.model, attention=args.attention, model_kwargs=options, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, compile=args.compile or None, val_size=args.val_size,
-                train_subset=args.train_subset, seed=args.seed, device=args.device)
-            fit(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after,
-                command=command)
-        except (DataNotFoundError, TrainingDiverged, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2 if isinstance(err, (DataNotFoundError, ValueError)) else 1
-        print(f"wrote {args.out}/history.json and {args.out}/checkpoint.pt")
-        return 0
-    if args.command == "chapter":
-        from . import chapters
+            args.command_line = command
+            if args.action == "run" and args.name is None:
+                print("error: chapter run needs a chapter name (python -m attn_lib chapter list)",
+                      file=sys.stderr)
+                return 2
+            return chapters.main(args)
+        if args.command == "classroom":
+            from . import classroom
 
-        args.command_line = command
-        if args.action == "run" and args.name is None:
-            print("error: chapter run needs a chapter name (python -m attn_lib chapter list)", file=sys.stderr)
+            return classroom.main(args)
+        return _bench(args, command)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _train(args, command: str) -> int:
+    """Exit status 0: trained; 2: an option, a data file or the run directory is wrong (nothing
+    trained, nothing written); 1: training stopped (diverged, out of memory)."""
+    from .data import DataFileError, DataNotFoundError
+    from .train import PRESET_ALIASES, CheckpointError, TrainConfig, TrainingDiverged, TrainingOutOfMemory, fit
+
+    if args.preset in PRESET_ALIASES:
+        print(f"note: --preset {args.preset} is the old name of --preset {PRESET_ALIASES[args.preset]}",
+              file=sys.stderr)
+    problems = [f"--option {key}: expected a name (KEY=VALUE)" for key, _ in args.option if not key.isidentifier()]
+    if args.stop_after is not None and args.stop_after < 1:
+        problems.append(f"--stop-after {args.stop_after}: expected an integer >= 1")
+    try:
+        cfg = TrainConfig.from_preset(
+            args.preset, dataset=args.dataset, data_dir=args.data_dir, download=not args.no_download,
+            model=args.model, attention=args.attention, model_kwargs=dict(args.option), epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, compile=args.compile, val_size=args.val_size,
+            train_subset=args.train_subset, seed=args.seed, device=args.device)
+        problems += cfg.problems(cli=True)
+        if problems:
+            for line in problems:
+                print(f"error: {line}", file=sys.stderr)
             return 2
-        return chapters.main(args)
-    if args.command == "classroom":
-        from . import classroom
+        fit(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after,
+            command=command, cli=True)
+    except (DataNotFoundError, DataFileError, CheckpointError, ValueError) as err:
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except (TrainingDiverged, TrainingOutOfMemory) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}/history.json and {args.out}/checkpoint.pt")
+    return 0
 
-        return classroom.main(args)
+
+def _bench(args, command: str) -> int:
     from . import bench
 
-    results = bench.run(args.what, device=args.device, steps=args.steps, seed=args.seed,
-                        compile=args.compile, command=command)
+    if args.steps is not None and args.steps < 1:
+        print(f"error: --steps {args.steps}: expected an integer >= 1", file=sys.stderr)
+        return 2
+    try:
+        results = bench.run(args.what, device=args.device, steps=args.steps, seed=args.seed,
+                            compile=args.compile, command=command)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     text = json.dumps(results, indent=1)
     if args.out:
         from pathlib import Path

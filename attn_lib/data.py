@@ -12,7 +12,8 @@ Where the images come from (:func:`load_cifar`):
 The two pipelines apply the same augmentation — random crop of 32 from the image zero-padded by
 4, horizontal flip with probability 1/2, normalisation by the training set's mean and std:
 
-* :func:`dataloader` — torchvision transforms in DataLoader workers on the CPU (the seed recipe);
+* :func:`dataloader` — torchvision transforms in DataLoader workers on the CPU (the reference
+  recipe's pipeline);
 * :class:`GPULoader` — the whole uint8 dataset lives on the device (150 MB for CIFAR-10), and
   crop, flip and normalisation are one gather per batch on the GPU. On a Colab GPU with two CPU
   cores, the CPU pipeline, not the GPU, is what limits training; this one removes that limit.
@@ -28,13 +29,13 @@ import numpy as np
 import torch
 
 __all__ = [
-    "ArrayDataset", "DataNotFoundError", "DATASETS", "GPULoader", "MEAN_STD", "dataloader",
+    "ArrayDataset", "DataFileError", "DataNotFoundError", "DATASETS", "GPULoader", "MEAN_STD", "dataloader",
     "load_cifar", "make_synthetic", "stratified_split",
 ]
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
-#: Per-channel mean and std of each training set, in [0, 1] units. CIFAR-100 has its own (the seed
-#: script normalised CIFAR-100 with CIFAR-10's figures).
+#: Per-channel mean and std of each training set, in [0, 1] units. CIFAR-100 has its own (a widely
+#: reposted training script normalised CIFAR-100 with CIFAR-10's figures).
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -46,6 +47,41 @@ PAD = 4  # RandomCrop(32, padding=4), the standard CIFAR augmentation
 
 class DataNotFoundError(FileNotFoundError):
     """The dataset is neither on disk nor downloadable; the message says where we looked."""
+
+
+class DataFileError(ValueError):
+    """A data file exists but cannot be used; the message names it, what was expected and what was found."""
+
+
+NPZ_FORMAT = "an .npz array file with x uint8 [N, 32, 32, 3] and y int64 [N] (same N)"
+
+
+def _read_npz(path: Path, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``x``, ``y`` and the class names of one ``.npz`` file, or :class:`DataFileError`."""
+    def fail(found: str) -> DataFileError:
+        return DataFileError(f"{path}: expected {NPZ_FORMAT}; found {found}. Replace or delete the file "
+                             f"(it is looked for before torchvision's folder)")
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - not a zip, truncated, not numpy at all
+        raise fail(f"a file numpy cannot read as arrays ({type(err).__name__})") from None
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise fail("a single array, not an .npz archive")
+    with arrays:
+        keys = list(arrays.keys())
+        if "x" not in keys or "y" not in keys:
+            raise fail(f"the arrays {keys or 'none'}")
+        try:
+            x, y = arrays["x"], arrays["y"]
+            classes = [str(c) for c in arrays["classes"]] if "classes" in keys else _default_classes(name)
+        except Exception as err:  # noqa: BLE001 - e.g. object (pickled) arrays, a damaged member
+            first = (str(err).splitlines() or [""])[0]
+            raise fail(f"arrays that cannot be read without pickle or are damaged ({first})") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+        raise fail(f"x {x.dtype} {list(x.shape)}")
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
+        raise fail(f"y {y.dtype} {list(y.shape)} for {len(x)} images")
+    return x, y, classes
 
 
 @dataclass
@@ -120,9 +156,7 @@ def load_cifar(name: str, split: str = "train", data_dir: str | Path = "data", d
         candidates.append(data_dir / f"{name}_test1000.npz")
     for path in candidates:
         if path.is_file():
-            with np.load(path, allow_pickle=False) as arrays:
-                x, y = arrays["x"], arrays["y"]
-                classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else _default_classes(name)
+            x, y, classes = _read_npz(path, name)
             return ArrayDataset(x, y, classes, name, str(path), mean, std)
     try:
         from torchvision import datasets
@@ -190,7 +224,7 @@ class _TorchvisionDataset(torch.utils.data.Dataset):
 
 def dataloader(data: ArrayDataset, batch_size: int, train: bool, workers: int = 2,
                generator: torch.Generator | None = None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """The seed recipe's pipeline: torchvision transforms on the CPU in ``workers`` processes."""
+    """The reference recipe's pipeline: torchvision transforms on the CPU in ``workers`` processes."""
     return torch.utils.data.DataLoader(
         _TorchvisionDataset(data, train), batch_size=batch_size, shuffle=train, drop_last=False,
         num_workers=workers, generator=generator, pin_memory=pin_memory, persistent_workers=False,

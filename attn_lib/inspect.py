@@ -41,6 +41,21 @@ def _recording(modules: dict[str, nn.Module], store: dict):
             del module.forward  # the instance attribute goes; the class's forward is back
 
 
+def _check_model_input(model, x) -> None:
+    """One clear exception for the mistakes a reader makes calling these from a notebook."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module (a network such as resnet18(10, 'se')), got {type(model).__name__}")
+    if not torch.is_tensor(x):
+        raise TypeError(f"expected x as a torch.Tensor of images [B, 3, H, W], got {type(x).__name__}"
+                        + (" (convert with torch.from_numpy)" if type(x).__module__ == "numpy" else ""))
+    channels = getattr(model, "in_channels", 3)
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"expected x of shape [B, {channels}, H, W] (a batch, channels first), got "
+                         f"{list(x.shape)}" + (": add a batch axis with x[None]" if x.dim() == 3 else ""))
+    if not x.is_floating_point():
+        raise TypeError(f"expected floating-point images (normalised, as the network was trained on), got {x.dtype}")
+
+
 @torch.no_grad()
 def collect_attention(model: nn.Module, x: torch.Tensor) -> dict:
     """Run ``model(x)`` in eval mode and return every registered module's attention, by name.
@@ -48,6 +63,7 @@ def collect_attention(model: nn.Module, x: torch.Tensor) -> dict:
     Each value is what that module returns with ``return_attention=True`` (a tensor or a dict of
     tensors, see its docstring). The model is left as it was (its mode included).
     """
+    _check_model_input(model, x)
     was_training = model.training
     model.eval()
     store: dict = {}
@@ -66,6 +82,14 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, target: torch.
     maps in [0, 1], upsampled bilinearly to the input size: ReLU of the channel-weighted sum of the
     layer's activations, weights = spatial mean of the gradient of the class score.
     """
+    _check_model_input(model, x)
+    if not isinstance(layer, nn.Module) or not any(m is layer for m in model.modules()):
+        raise ValueError(f"layer {type(layer).__name__} is not a module of the model: pass one of its own "
+                         f"layers, e.g. model.layer4")
+    if target is not None:
+        if not torch.is_tensor(target) or target.shape != (len(x),) or target.is_floating_point():
+            raise ValueError(f"expected target of shape [{len(x)}] (one class index per image), got "
+                             f"{list(target.shape) if torch.is_tensor(target) else type(target).__name__}")
     was_training = model.training
     model.eval()
     saved = {}
@@ -73,6 +97,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, target: torch.
     try:
         with torch.enable_grad():
             logits = model(x)
+            if target is not None and not ((target >= 0) & (target < logits.shape[1])).all():
+                raise ValueError(f"expected class indices in 0..{logits.shape[1] - 1}, got {target.tolist()}")
             target = logits.argmax(1) if target is None else target
             activation = saved["a"]
             score = logits.gather(1, target[:, None]).sum()

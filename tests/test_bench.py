@@ -151,7 +151,7 @@ def test_explicit_and_fused_compute_the_same_function():
 def test_run_modules_end_to_end_on_tiny_settings(monkeypatch):
     tiny = functools.partial(bm.bench_modules, mechanisms=("none", "se"), batch=2, width=WIDTH, rounds=1,
                              warmup=0, attn_sizes=(4,), attn_batch=1, attn_channels=16, attn_rounds=1,
-                             min_seconds=0.0)
+                             min_seconds=0.0, densenet=False)
     monkeypatch.setattr(bm, "bench_modules", tiny)
     threads = torch.get_num_threads()
     results = bench.run("modules", device="cpu", steps=1, seed=3, command="python -m attn_lib bench modules")
@@ -174,3 +174,68 @@ def test_bench_modules_rejects_unknown_settings():
 def test_median_ratio_pairs_rounds():
     times = {"none": [1.0, 10.0, 100.0], "x": [2.0, 30.0, 100.0]}
     assert bm._median_ratio(times, "x", "none") == statistics.median([2.0, 3.0, 1.0]) == 2.0
+
+
+def test_every_mechanism_compiles_in_resnet18_with_fullgraph_and_gets_a_compiled_ratio():
+    """fullgraph=True: a graph break anywhere (DIA's shared LSTM stage included) is an error."""
+    out = bm.compiled_step_ratios(CPU, bm.MECHANISMS, batch=2, steps=1, warmup=0, rounds=1, width=WIDTH,
+                                  backend="eager")
+    assert list(out) == list(bm.MECHANISMS)
+    assert {n: r["compile_error"] for n, r in out.items()} == {n: None for n in bm.MECHANISMS}
+    assert out["none"]["compiled_step_time_ratio"] == 1.0
+    assert all(r["compiled_step_seconds"] > 0 and r["compiled_step_time_ratio"] > 0 for r in out.values())
+
+
+def test_a_graph_break_is_recorded_not_timed(monkeypatch):
+    real = bm._build
+
+    def with_break(name, width, seed):
+        model = real(name, width, seed)
+        if name == "se":
+            plain = model.forward
+
+            def forward(x):
+                torch._dynamo.graph_break()
+                return plain(x)
+            model.forward = forward
+        return model
+
+    monkeypatch.setattr(bm, "_build", with_break)
+    out = bm.compiled_step_ratios(CPU, ("none", "se"), batch=2, steps=1, warmup=0, rounds=1, width=WIDTH,
+                                  backend="eager")
+    assert out["se"]["compiled_step_time_ratio"] is None and "se" in out and out["se"]["compile_error"]
+    assert out["none"]["compile_error"] is None
+
+
+@pytest.mark.parametrize("label", list(bm.ATTENTION_MODULES))
+@pytest.mark.parametrize("impl", ["explicit", "fused"])
+def test_explicit_and_fused_attention_compile_without_graph_breaks(label, impl):
+    torch._dynamo.reset()
+    name, options = bm.ATTENTION_MODULES[label]
+    module = bm.create_attention(name, 16, implementation=impl, **options)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_densenet_rows_compare_triple_attention_with_the_plain_densenet():
+    rows = bm.densenet_rows(CPU, batch=2, steps=1, warmup=0, rounds=1, growth_rate=4, compile=True,
+                            backend="eager")
+    assert [r["attention"] for r in rows] == ["none", "triple"] and all(r["kind"] == "densenet" for r in rows)
+    assert rows[0]["step_time_ratio"] == 1.0 and rows[0]["params_added_pct"] == 0
+    assert rows[1]["params"] > rows[0]["params"] and rows[1]["flops_forward"] > rows[0]["flops_forward"]
+    assert rows[1]["step_time_ratio"] > 0 and rows[1]["compile_error"] is None
+    assert rows[1]["compiled_step_time_ratio"] > 0
+    assert all(not isinstance(v, (dict, list, tuple)) for r in rows for v in r.values())
+
+
+def test_bench_train_measures_the_reference_pipeline_with_2_workers():
+    names = lambda rows: [r["name"] for r in rows]  # noqa: E731
+    rows = bench.train_configs(CPU, None, cpus=16)
+    assert names(rows) == ["reference", "reference-2-workers", "fast"]
+    assert [r["workers"] for r in rows] == [5, 2, 0] and not any(r["fused"] for r in rows)
+    cuda = bench.train_configs(torch.device("cuda"), None, cpus=2)
+    assert names(cuda) == ["reference", "fast", "fast+compile"] and cuda[0]["workers"] == 2
+    assert cuda[1]["fused"] and cuda[2]["compile"]
+    assert names(bench.train_configs(CPU, True, cpus=16))[-1] == "fast+compile"
+    assert "fast+compile" not in names(bench.train_configs(torch.device("cuda"), False, cpus=16))

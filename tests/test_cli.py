@@ -40,3 +40,33 @@ def test_unknown_attention_is_refused_by_argparse(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--attention", "transformer", "--out", "x"])
     assert "invalid choice: 'transformer'" in capsys.readouterr().err
+
+
+def test_the_smoke_command_visibly_learns(tmp_path, capsys):
+    """The documented smoke run, ``train --dataset synthetic --epochs 2``, ends well above chance
+    (10%) with a sane validation loss. Here at width 8 on the CPU, so that the test takes seconds
+    (the recipe, batch and lr are the command's own; the full-width run is too slow for a test
+    on a CPU)."""
+    out = tmp_path / "smoke"
+    assert main(["train", "--dataset", "synthetic", "--epochs", "2", "--out", str(out), "--no-progress",
+                 "--device", "cpu", "-o", "width=8"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history["config"]["batch_size"] == 64 and history["config"]["lr"] == 0.05
+    last = history["epochs"][-1]
+    assert last["val_top1"] > 30.0 and last["val_loss"] < 2.3, last  # chance: 10%, loss ln 10 = 2.30
+
+
+def test_preset_seed_still_works_with_a_note(capsys):
+    parser_args = ["train", "--preset", "seed", "--epochs", "0", "--dataset", "synthetic", "--out", "x"]
+    assert main(parser_args) == 2
+    err = capsys.readouterr().err
+    assert "note: --preset seed is the old name of --preset reference" in err
+    assert "error: --epochs 0: expected an integer >= 1" in err
+
+
+def test_compile_can_be_turned_off():
+    from attn_lib.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--no-compile", "--out", "x"])
+    assert args.compile is False
+    assert build_parser().parse_args(["train", "--out", "x"]).compile is None  # the preset's: auto

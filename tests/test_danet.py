@@ -116,6 +116,79 @@ def test_fused_equals_explicit(dtype, tolerance):
         assert_close(g_fused, g_explicit, **tolerance)
 
 
+@pytest.mark.parametrize("channels, reduction, batch, height, width", [
+    (16, 8, 1, 1, 1),     # one position
+    (16, 8, 2, 7, 5),     # odd map
+    (24, 8, 3, 3, 11),    # 8 heads of width 3
+    (17, 8, 2, 4, 3),     # width 2 does not divide 17: the value is padded to 9 heads
+    (12, 1.5, 2, 2, 9),   # width 8, 1.5 heads: padded to 2
+    (8, 0.5, 1, 3, 3),    # query/key wider than the value (16 > 8): one padded head
+    (64, 8, 2, 9, 9),
+])
+def test_fused_equals_explicit_float64_shapes_and_gradients(channels, reduction, batch, height, width):
+    explicit = set_scales(PositionAttention(channels, reduction, implementation="explicit")).double()
+    fused = PositionAttention(channels, reduction, implementation="fused").double()
+    fused.load_state_dict(explicit.state_dict())
+    x = feature_map(batch, channels, height, width, seed=channels + height).requires_grad_()
+    y_explicit, y_fused = explicit(x), fused(x)
+    assert_close(y_fused, y_explicit, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(y_fused.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad_explicit = torch.autograd.grad((y_explicit * weights).sum(), [x, *explicit.parameters()])
+    grad_fused = torch.autograd.grad((y_fused * weights).sum(), [x, *fused.parameters()])
+    for name, g_fused, g_explicit in zip(["x", *dict(fused.named_parameters())], grad_fused, grad_explicit):
+        assert_close(g_fused, g_explicit, rtol=1e-10, atol=1e-10, msg=lambda m: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("width, channels, head_width", [
+    (4, 16, None), (4, 16, 4), (4, 16, 6), (3, 16, 3), (5, 5, None), (8, 3, None),
+    (32, 256, None), (32, 256, 32), (24, 300, None)])
+def test_fused_position_attention_is_softmax_qk_v(width, channels, head_width):
+    """Padded query/key, heads sharing them, or both: always softmax(Q K^T) V."""
+    g = torch.Generator().manual_seed(width * channels)
+    query, key = (torch.randn(2, 10, width, generator=g, dtype=torch.float64) for _ in range(2))
+    value = torch.randn(2, 10, channels, generator=g, dtype=torch.float64)
+    expected = torch.softmax(query @ key.transpose(1, 2), dim=-1) @ value
+    assert_close(danet.fused_position_attention(query, key, value, head_width), expected)
+
+
+def test_fused_position_attention_rejects_a_head_narrower_than_the_query():
+    q = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="head_width >= the query width 8, got 4"):
+        danet.fused_position_attention(q, q, torch.randn(1, 4, 16), head_width=4)
+
+
+def test_fused_path_runs_a_fused_kernel_on_cpu():
+    """Called with unequal widths, scaled_dot_product_attention falls back to its math path (no
+    fused op is dispatched); the head view lets the CPU's fused kernel run."""
+    from attn_lib.bench_modules import _fused_kernel
+
+    module = PositionAttention(32, implementation="fused")
+    x = feature_map(2, 32, 6, 6, dtype=torch.float32)
+    kernel = _fused_kernel(module, x, torch.device("cpu"))
+    assert kernel != "math" and "scaled_dot_product" in kernel
+    q, v = torch.randn(1, 36, 4), torch.randn(1, 36, 32)
+    direct = _fused_kernel(lambda _: F.scaled_dot_product_attention(q, q, v), x, torch.device("cpu"))
+    assert direct == "math"  # the call the module used to make
+
+
+def test_attention_kernels_names_the_fused_kernel_and_nothing_for_the_math_path():
+    from attn_lib.bench_modules import attention_kernels
+
+    q, v = torch.randn(1, 16, 4), torch.randn(1, 16, 32)
+    assert attention_kernels(lambda: F.scaled_dot_product_attention(q, q, v)) == []
+    padded = F.pad(q, (0, 28))
+    assert attention_kernels(lambda: F.scaled_dot_product_attention(padded, padded, v)) == [
+        "_scaled_dot_product_flash_attention_for_cpu"]
+
+
+def test_parameter_names_unchanged():
+    """Recorded weights (state dicts) must keep loading: the fused path adds no parameter."""
+    for implementation in ("explicit", "fused"):
+        names = list(PositionAttention(16, implementation=implementation).state_dict())
+        assert names == ["alpha", "query.weight", "query.bias", "key.weight", "key.bias",
+                         "value.weight", "value.bias"]
+
+
 def test_fused_path_builds_no_n_by_n_map(monkeypatch):
     """The fused path must not build the N x N softmax unless the map is asked for."""
     module = set_scales(PositionAttention(16, implementation="fused"))
@@ -435,3 +508,36 @@ def test_head_batch_one_eval_matches_batch():
     assert_close(head(x[:1]), head(x)[:1])
     head.train()(x).sum().backward()  # trains too; every parameter gets a gradient
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+# --- the position-attention benchmark ----------------------------------------------------------
+
+def test_bench_danet_end_to_end_on_tiny_settings(monkeypatch):
+    """`python -m attn_lib bench danet` on tiny settings: rows per size, the fused kernel named."""
+    import functools
+    import json
+
+    import attn_lib.bench as bench
+    import attn_lib.bench_modules as bm
+
+    tiny = functools.partial(bm.bench_danet_position, sizes=(2, 4), batch=1, channels=16, rounds=1,
+                             warmup=0, min_seconds=0.0)
+    monkeypatch.setattr(bm, "bench_danet_position", tiny)
+    threads = torch.get_num_threads()
+    results = bench.run("danet", device="cpu", steps=1, seed=2, command="python -m attn_lib bench danet")
+    assert torch.get_num_threads() == threads
+    assert results["benchmark"] == "danet_position" and results["seed"] == 2
+    assert results["device"] == "cpu" and "git_commit" in results and results["cpu_threads"] == 1
+    assert [(r["module"], r["size"]) for r in results["rows"]] == [("danet_position", 2), ("danet_position", 4)]
+    for r in results["rows"]:
+        assert r["explicit_seconds"] > 0 and r["fused_seconds"] > 0 and "errors" not in r
+        assert r["fused_kernel"] != "math"  # the fused path does reach a fused kernel
+    json.dumps(results)
+    with pytest.raises(ValueError, match="unknown settings"):
+        bm.bench_danet_position(torch.device("cpu"), 1, 0, size=(4,))
+
+
+def test_cli_offers_the_danet_benchmark():
+    from attn_lib.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "danet", "--device", "cpu"]).what == "danet"

@@ -162,3 +162,16 @@ def test_real_cifar10_is_normalised_by_its_statistics(shared_cifar):
     batch = next(iter(GPULoader(data, 1000, train=False)))[0]
     mean, std = batch.mean((0, 2, 3)), batch.std((0, 2, 3))
     assert mean.abs().max() < 0.05 and (std - 1).abs().max() < 0.05
+
+
+def test_a_damaged_array_file_names_itself_and_the_format(tmp_path):
+    from attn_lib.data import DataFileError, load_cifar
+
+    path = tmp_path / "cifar10_train.npz"
+    np.savez(path, x=np.zeros((4, 32, 32), np.uint8), y=np.zeros(4, np.int64))
+    with pytest.raises(DataFileError, match=r"cifar10_train.npz: expected an .npz array file with x uint8 "
+                                            r"\[N, 32, 32, 3\] and y int64 \[N\].*found x uint8 \[4, 32, 32\]"):
+        load_cifar("cifar10", "train", tmp_path, download=False)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataFileError, match="found a file numpy cannot read as arrays"):
+        load_cifar("cifar10", "train", tmp_path, download=False)

@@ -1,5 +1,5 @@
 """DIA-LSTM (Huang et al., AAAI 2020): the cell against its equations, the shared-cell stage
-against a hand-written loop, and the seed code's pitfalls."""
+against a hand-written loop, and the pitfalls of the circulating DIA code."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 from attn_lib import create_attention
 from attn_lib.models import resnet18
 from attn_lib.models.resnet import BasicBlock
-from attn_lib.modules.dia import DIALSTMCell, DIAStage
+from attn_lib.modules.dia import DIALSTMCell, DIAStage, collect_dia
 
 C = 16
 
@@ -33,16 +33,25 @@ def reference_cell(cell: DIALSTMCell, x, h, c):
     return o * sigmoid(c_new), c_new
 
 
-def reference_stage(stage: DIAStage, x):
-    """The stage as a plain loop: gate each block's branch with the shared cell, then add."""
+def reference_stage(stage: DIAStage, x, official_basic: bool = False):
+    """The stage as a plain loop: gate each block's branch with the shared cell, then add.
+
+    ``official_basic``: the official BasicBlock variant instead (gate after the addition, the
+    pooled branch added in place of the shortcut)."""
     h = c = torch.zeros(x.shape[0], stage.channels, dtype=x.dtype)
-    gates = []
+    gates, cells = [], []
     for block in stage.blocks:
         branch, shortcut = block.forward_parts(x)
-        h, c = reference_cell(stage.cell, branch.mean(dim=(2, 3)), h, c)
-        x = torch.relu(branch * h[:, :, None, None] + shortcut)
+        if official_basic:
+            added = torch.relu(branch + shortcut)
+            h, c = reference_cell(stage.cell, added.mean(dim=(2, 3)), h, c)
+            x = torch.relu(added * h[:, :, None, None] + branch.mean(dim=(2, 3))[:, :, None, None])
+        else:
+            h, c = reference_cell(stage.cell, branch.mean(dim=(2, 3)), h, c)
+            x = torch.relu(branch * h[:, :, None, None] + shortcut)
         gates.append(h)
-    return x, torch.stack(gates, dim=1)
+        cells.append(c)
+    return x, torch.stack(gates, dim=1), torch.stack(cells, dim=1)
 
 
 def make_stage(dtype=torch.float32) -> DIAStage:
@@ -89,7 +98,7 @@ def test_zero_state_is_made_like_the_input():
     torch.manual_seed(2)
     cell = DIALSTMCell(C).double()
     x = torch.randn(2, C, dtype=torch.float64)
-    h, c = cell(x)  # the seed's torch.zeros(...) state would be float32 here and fail
+    h, c = cell(x)  # a torch.zeros(...) state (the blog post's) would be float32 here and fail
     assert h.dtype == c.dtype == torch.float64
     zeros = torch.zeros(2, C, dtype=torch.float64)
     torch.testing.assert_close((h, c), reference_cell(cell, x, zeros, zeros))
@@ -170,11 +179,60 @@ def test_stage_matches_manual_loop_float64():
     stage = make_stage(torch.float64)
     x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
     y, attention = stage(x, return_attention=True)
-    y_ref, gates_ref = reference_stage(stage, x)
-    assert y.shape == (2, C, 4, 4) and attention["gates"].shape == (2, 2, C)
+    y_ref, gates_ref, cells_ref = reference_stage(stage, x)
+    assert y.shape == (2, C, 4, 4) and attention["gates"].shape == attention["cells"].shape == (2, 2, C)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(attention["gates"], gates_ref)
+    torch.testing.assert_close(attention["cells"], cells_ref)
     assert not torch.allclose(gates_ref[:, 0], gates_ref[:, 1])  # each block gets its own gate
+
+
+def test_official_basic_variant_matches_manual_loop_float64():
+    stage = make_stage(torch.float64)
+    official = DIAStage(stage.blocks, C, variant="official_basic").double().eval()
+    official.cell.load_state_dict(stage.cell.state_dict())
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    y, attention = official(x, return_attention=True)
+    y_ref, gates_ref, cells_ref = reference_stage(official, x, official_basic=True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(attention["gates"], gates_ref)
+    torch.testing.assert_close(attention["cells"], cells_ref)
+    assert not torch.allclose(y, stage(x))  # a different function with the same weights
+    assert "official_basic" in repr(official) and "variant" not in repr(stage).split("\n")[0]
+
+
+def test_official_basic_variant_with_gate_zero_keeps_only_the_pooled_branch():
+    # Every gate 0: the branch form keeps the shortcut; the official BasicBlock form keeps only
+    # the per-channel mean of the last branch, a constant over the feature map.
+    stage = DIAStage(make_stage(torch.float64).blocks, C, variant="official_basic").double().eval()
+    stage.cell = ConstantCell(0.0)
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    y = stage(x)
+    x1 = torch.relu(stage.blocks[0].forward_parts(x)[0].mean(dim=(2, 3), keepdim=True)).expand(-1, -1, 4, 4)
+    branch, _ = stage.blocks[1].forward_parts(x1)
+    torch.testing.assert_close(y, torch.relu(branch.mean(dim=(2, 3), keepdim=True)).expand_as(y))
+    assert (y.std(dim=(2, 3)) == 0).all()  # no spatial information is left
+
+
+def test_stage_rejects_unknown_variant():
+    with pytest.raises(ValueError, match=r"expected variant to be one of 'branch', 'official_basic', got 'after'"):
+        DIAStage([BasicBlock(8, C)], C, variant="after")
+
+
+def test_collect_dia_returns_every_stage_and_restores_the_model():
+    torch.manual_seed(10)
+    model = resnet18(num_classes=10, attention="dia", width=8).train()
+    x = torch.randn(3, 3, 16, 16)
+    found = collect_dia(model, x)
+    assert list(found) == ["layer1", "layer2", "layer3", "layer4"]
+    for k, name in enumerate(found):
+        assert found[name]["gates"].shape == found[name]["cells"].shape == (3, 2, 8 * 2**k)
+    assert model.training and "forward" not in vars(model.layer1)
+    model.eval()
+    _, direct = model.layer1(model.stem(x), return_attention=True)
+    torch.testing.assert_close(found["layer1"]["gates"], direct["gates"])
+    with pytest.raises(ValueError, match="expected a model with DIAStage modules"):
+        collect_dia(resnet18(num_classes=10, width=8), x)
 
 
 def test_stage_with_gate_one_is_the_plain_stage():

@@ -32,7 +32,9 @@ def test_grad_cam_is_a_normalised_map_of_the_input_size():
 
 def test_recorded_runs_carry_their_provenance_and_load():
     histories = results.load_histories("cifar10-cpu-w16")
-    assert set(histories) == {"none", "se", "sk", "cbam"}
+    assert {"none", "se", "sk", "cbam"} <= set(histories)
+    weights = {p.stem.split("--")[1] for p in (results.HERE / "weights").glob("cifar10-cpu-w16--*.pt")}
+    assert weights == set(histories), "every recorded narrow run ships its weights, and only those"
     for name, h in histories.items():
         meta = h["meta"]
         assert meta["command"].startswith("python -m attn_lib train") and meta["git_commit"]
@@ -42,3 +44,18 @@ def test_recorded_runs_carry_their_provenance_and_load():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(FileNotFoundError, match="available"):
         results.load("no-such-run")
+
+
+def test_recorded_gpu_runs_are_the_unchanged_histories_of_one_commit():
+    runs = results.load_runs("cifar10-h200-r18")
+    assert {name: sorted(seeds) for name, seeds in runs.items() if len(seeds) == 3} == \
+        {"none": [0, 1, 2], "se": [0, 1, 2], "sk": [0, 1, 2], "cbam": [0, 1, 2]}
+    for name, seeds in runs.items():
+        for seed, h in seeds.items():
+            assert h["meta"]["git_commit"] == "a4d04bebb26c8f74a405313e4af30b1dfda9648c"
+            assert h["meta"]["seed"] == seed == h["config"]["seed"] and h["meta"]["device_name"] == "NVIDIA H200"
+            assert h["config"]["attention"] == (None if name == "none" else name)
+            assert len(h["epochs"]) == h["config"]["epochs"] == 20
+    with pytest.raises(ValueError, match="several seeds"):
+        results.load_histories("cifar10-h200-r18")
+    assert results.commit_label({"git_commit": "0123456789abcdef-dirty"}) == "0123456789-dirty"

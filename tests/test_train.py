@@ -5,7 +5,13 @@ import pytest
 import torch
 
 import attn_lib.train as train_mod
-from attn_lib.train import PRESETS, TrainConfig, TrainingDiverged, accuracy, fit, load_checkpoint, lr_factor
+from attn_lib.train import (PRESETS, CheckpointError, TrainConfig, TrainingDiverged, TrainingOutOfMemory, accuracy,
+                             amp_choice, fit, load_checkpoint, lr_factor)
+
+
+def strip(history):
+    """The epochs of a history without their timings."""
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in history["epochs"]]
 
 
 def tiny(**overrides) -> TrainConfig:
@@ -15,7 +21,7 @@ def tiny(**overrides) -> TrainConfig:
     return TrainConfig.from_preset("fast", **{**base, **overrides})
 
 
-def seed_style_accuracy(output, target, k=1):
+def reposted_script_accuracy(output, target, k=1):
     """What the circulating script computed: the share of *wrong* predictions, printed as "Prec"."""
     pred = output.topk(k, 1).indices.t()
     correct_k = pred.eq(target.view(1, -1).expand_as(pred))[:k].reshape(-1).float().sum()
@@ -27,7 +33,7 @@ def test_accuracy_is_accuracy_not_error_rate():
     target = torch.tensor([1, 0, 2, 1])  # right, right, right, second best
     top1, top2 = accuracy(logits, target, topk=(1, 2))
     assert top1 == 75.0 and top2 == 100.0
-    assert seed_style_accuracy(logits, target) == 25.0  # the seed would have printed "Prec 25%"
+    assert reposted_script_accuracy(logits, target) == 25.0  # the script would have printed "Prec 25%"
     assert accuracy(logits[:1], target[:1]) == [100.0]
 
 
@@ -36,13 +42,15 @@ def test_accuracy_rejects_mismatched_shapes():
         accuracy(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long))
 
 
-def test_seed_preset_is_the_seed_recipe():
-    p = PRESETS["seed"]
+def test_reference_preset_is_the_reposted_scripts_recipe():
+    p = PRESETS["reference"]
     assert (p["epochs"], p["lr"], p["batch_size"], p["momentum"], p["weight_decay"]) == (160, 0.1, 128, 0.9, 5e-4)
     assert tuple(p["milestones"]) == (80, 120) and p["gamma"] == 0.1 and p["warmup_epochs"] == 1
-    cfg = TrainConfig.from_preset("seed")
+    cfg = TrainConfig.from_preset("reference")
+    assert TrainConfig.from_preset("seed") == cfg  # the old name, kept as an alias
+    assert "seed" not in PRESETS and PRESETS["seed"] is p  # not listed, still found
     spe = 391  # 50,000 / 128
-    # the warm-up really runs (the seed built a warm-up scheduler and never stepped it)
+    # the warm-up really runs (the script built a warm-up scheduler and never stepped it)
     assert lr_factor(0, cfg, spe) == pytest.approx(1 / spe)
     assert lr_factor(spe - 1, cfg, spe) == pytest.approx(1.0)
     assert lr_factor(79 * spe, cfg, spe) == 1.0
@@ -58,7 +66,7 @@ def test_onecycle_rises_to_the_peak_then_falls_to_zero():
 
 
 def test_unknown_preset_and_field():
-    with pytest.raises(ValueError, match="expected one of seed, fast"):
+    with pytest.raises(ValueError, match="expected one of reference, fast"):
         TrainConfig.from_preset("slow")
     with pytest.raises(ValueError, match="unknown config fields"):
         TrainConfig.from_preset("fast", epochz=3)
@@ -91,7 +99,6 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path):
     part = fit(cfg, tmp_path / "part", progress=False, log=lambda s: None, stop_after=1)
     assert len(part["epochs"]) == 1
     resumed = fit(cfg, tmp_path / "part", resume=True, progress=False, log=lambda s: None)
-    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]  # noqa: E731
     assert strip(resumed) == strip(full)
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"]
@@ -119,8 +126,9 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(train_mod, "build_model", poisoned)
-    with pytest.raises(TrainingDiverged, match="training loss became nan at epoch 1, step 1"):
+    with pytest.raises(TrainingDiverged, match="training loss became nan at step 1 at epoch 1"):
         fit(tiny(epochs=1), tmp_path, progress=False, log=lambda s: None)
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_auxiliary_loss_is_added_when_the_model_has_one(tmp_path, monkeypatch):
@@ -151,3 +159,152 @@ def test_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda"):
             train_mod.resolve_device("cuda")
+
+
+def test_the_previous_checkpoint_is_kept_and_a_truncated_latest_resumes_exactly(tmp_path):
+    cfg = tiny(epochs=3, train_subset=192, val_size=64)
+    full = fit(cfg, tmp_path / "full", progress=False, log=lambda s: None)
+    part = tmp_path / "part"
+    fit(cfg, part, progress=False, log=lambda s: None, stop_after=2)
+    assert load_checkpoint(part / "checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint(part / "checkpoint-prev.pt")["epoch"] == 1
+    latest = part / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a write cut off half-way
+    with pytest.raises(CheckpointError, match="checkpoint.pt: cannot be read as a checkpoint"):
+        load_checkpoint(latest)
+    lines = []
+    with pytest.warns(RuntimeWarning, match=r"checkpoint.pt: cannot be read.*Resuming from checkpoint-prev.pt"):
+        resumed = fit(cfg, part, resume=True, progress=False, log=lines.append)
+    assert "resuming" in lines[0] and "after epoch 1" in lines[0]
+    assert strip(resumed) == strip(full)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(latest)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((part / "history.json").read_text())["epochs"] == resumed["epochs"]
+
+
+def test_a_history_from_another_run_is_refused(tmp_path):
+    cfg = tiny(epochs=2, train_subset=128, val_size=0)
+    fit(cfg, tmp_path, progress=False, log=lambda s: None, stop_after=1)
+    history = json.loads((tmp_path / "history.json").read_text())
+    history["epochs"][0]["train_loss"] += 1.0  # e.g. copied from a run with other data
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    with pytest.raises(CheckpointError, match="come from different runs"):
+        fit(cfg, tmp_path, resume=True, progress=False, log=lambda s: None)
+
+
+def _poison_in_epoch(monkeypatch, what: str, epoch: int, steps_per_epoch: int):
+    """Make the model's numbers go wrong during ``epoch`` (1-based): its training loss, its weights
+    (a BatchNorm running mean, which the training loss does not see) or its validation loss."""
+    real = train_mod.build_model
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+        calls = {"train": 0}
+        plain = model.forward
+
+        def forward(x, **kw):
+            out = plain(x, **kw)
+            if model.training:
+                calls["train"] += 1
+                step_epoch = (calls["train"] - 1) // steps_per_epoch + 1
+                if step_epoch == epoch:
+                    if what == "train":
+                        return out * float("nan")
+                    if what == "weights":
+                        model.layer1[0].bn1.running_mean.data.fill_(float("inf"))  # .data: not seen by autograd
+            elif what == "val" and calls["train"] > (epoch - 1) * steps_per_epoch:
+                return out * float("nan")
+            return out
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build)
+
+
+@pytest.mark.parametrize("what, message", [("train", "the training loss became nan at step 1 at epoch 2"),
+                                           ("weights", "a weight became NaN or infinite at epoch 2"),
+                                           ("val", "the validation loss became nan at epoch 2")])
+def test_numbers_going_wrong_mid_training_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, what,
+                                                                                 message):
+    cfg = tiny(epochs=3, train_subset=192, val_size=64)  # 2 steps of 64 per epoch
+    _poison_in_epoch(monkeypatch, what, 2, 2)
+    with pytest.raises(TrainingDiverged, match=message) as err:
+        fit(cfg, tmp_path, progress=False, log=lambda s: None)
+    assert "lower --lr (e.g. 0.05)" in str(err.value)
+    assert "last good checkpoint, after epoch 1, is kept" in str(err.value)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert len(json.loads((tmp_path / "history.json").read_text())["epochs"]) == 1
+
+
+def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
+    real = train_mod.build_model
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+
+        def forward(x, **kw):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build)
+    with pytest.raises(TrainingOutOfMemory, match=r"out of memory at batch size 64 \(epoch 1\): try a smaller one, "
+                                                  r"e.g. --batch-size 32"):
+        fit(tiny(epochs=1), tmp_path, progress=False, log=lambda s: None)
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):
+    cfg = tiny(epochs=1, train_subset=128, val_size=64)
+    eager = fit(cfg, tmp_path / "eager", progress=False, log=lambda s: None)
+    calls = []
+
+    def broken_compile(model, *args, **kwargs):
+        def run(*a, **kw):
+            calls.append(1)
+            raise RuntimeError("inductor: no C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning) as caught:
+        compiled = fit(dataclasses_replace(cfg, compile=True), tmp_path / "compiled", progress=False,
+                       log=lambda s: None)
+    messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+    assert len(messages) == 1 and "RuntimeError: inductor: no C++ compiler found" in messages[0]
+    assert "continues without compiling" in messages[0] and calls == [1]
+    assert strip(compiled) == strip(eager)
+    assert compiled["meta"]["compiled"] is False and "no C++ compiler" in compiled["meta"]["compile_failure"]
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_fast_preset_compiles_on_cuda_only_by_default():
+    assert PRESETS["fast"]["compile"] == "auto" and PRESETS["reference"]["compile"] is False
+    assert TrainConfig.from_preset("fast", compile=False).compile is False
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, (torch.bfloat16, False)), (False, (torch.float16, True))])
+def test_mixed_precision_picks_float16_with_a_scaler_where_bf16_is_only_emulated(monkeypatch, native_bf16,
+                                                                                expected):
+    asked = {}
+
+    def is_bf16_supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return native_bf16 or including_emulation  # a T4: bf16 "supported" only through emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert amp_choice(torch.device("cuda"), True) == expected
+    assert asked == {"including_emulation": False}
+    assert amp_choice(torch.device("cuda"), False) == (None, False)
+    assert amp_choice(torch.device("cpu"), True) == (None, False)
+
+
+def test_checkpoint_writes_are_measured(tmp_path):
+    h = fit(tiny(epochs=2, train_subset=128, val_size=0), tmp_path, progress=False, log=lambda s: None)
+    info = h["meta"]["checkpoint"]
+    assert info["writes"] == 2 and info["blocking_seconds"] >= 0 and info["background_write_seconds"] > 0

@@ -64,3 +64,29 @@ def compare(got: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 
     assert torch.allclose(got.double(), expected.double(), rtol=rtol, atol=atol), \
         f"{what}: values differ from the reference (max abs difference {diff:.3g})"
     return f"matches (max abs difference {diff:.1e})"
+
+
+def expect_arguments(checker: str, *, cls=None, fn=None, **numbers) -> None:
+    """The arguments every checker takes, checked before any check runs: one clear exception.
+
+    ``cls``: a class (or factory) the checker will build, not an instance; ``fn``: a function;
+    ``numbers``: positive integers (``channels=32``) or booleans (a value that is already a
+    ``bool``). Raises ``TypeError`` for a wrong kind of argument, ``ValueError`` for a number
+    out of range, each naming the checker, the argument, what was expected and what came."""
+    if cls is not None:
+        if isinstance(cls, torch.nn.Module):
+            name = type(cls).__name__
+            raise TypeError(f"{checker}: expected the class itself, got an instance of {name}: pass {name}, "
+                            f"not {name}(...); the checker builds it with its own sizes")
+        if not callable(cls):
+            raise TypeError(f"{checker}: expected a class to build (an nn.Module subclass), got "
+                            f"{type(cls).__name__} {cls!r}")
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{checker}: expected a function, got {type(fn).__name__} {fn!r}")
+    for name, value in numbers.items():
+        if isinstance(value, bool):
+            continue
+        if not isinstance(value, int):
+            raise TypeError(f"{checker}: expected {name} as an integer, got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"{checker}: expected {name} >= 1, got {value}")

@@ -32,7 +32,7 @@ from torch import nn
 
 from ._checks import check_feature_map, check_positive, reduced_channels
 
-__all__ = ["PositionAttention", "ChannelAttention", "DualAttention", "DANetHead"]
+__all__ = ["PositionAttention", "ChannelAttention", "DualAttention", "DANetHead", "fused_position_attention"]
 
 #: How the position module computes ``softmax(Q K^T) V`` (see :class:`PositionAttention`).
 IMPLEMENTATIONS = ("fused", "explicit")
@@ -56,6 +56,53 @@ def _softmax_float32(energy: torch.Tensor) -> torch.Tensor:
     loses the small weights and makes rows sum visibly away from 1, so the statistics are taken in
     float32 (float64 inputs stay float64)."""
     return torch.softmax(energy, dim=-1, dtype=torch.promote_types(energy.dtype, torch.float32))
+
+
+#: Widest head :func:`fused_position_attention` forms by default: 128 is a head width every
+#: fused attention kernel of PyTorch accepts and is tuned for (flash and memory-efficient on CUDA,
+#: flash on the CPU).
+FUSED_HEAD_WIDTH = 128
+
+
+def fused_position_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             head_width: int | None = None) -> torch.Tensor:
+    """``softmax(Q K^T) V`` for a query/key width ``d`` smaller than the value width ``C``, in one
+    call of ``F.scaled_dot_product_attention`` that a fused kernel accepts (fused kernels need the
+    query, key and value of each head to have the same width).
+
+    Two exact rewrites make the widths equal:
+
+    * **zero-padding** the query and key from ``d`` to the head width ``w``: the added zeros add
+      nothing to any dot product, so the scores ``Q K^T`` do not change;
+    * **heads that share one query and key**: the value ``[B, N, C]`` is cut into
+      ``h = ceil(C / w)`` heads of ``w`` channels (zero-padded to ``h w`` channels when ``w`` does
+      not divide ``C``; the padded outputs are zero and dropped) and the query and key are expanded
+      to every head without copying. Each head computes the same ``S = softmax(Q K^T)`` and applies
+      it to its own slice of the value channels; side by side, the heads give ``S V``.
+
+    ``w = max(d, min(C, FUSED_HEAD_WIDTH))`` by default: one head of width ``C`` where ``C <= 128``
+    (the padded form), several of width 128 beyond. Each head computes its own softmax, so fewer,
+    wider heads mean fewer exponentials (``h N^2``); the multiply-adds are about ``2 N^2 C``
+    whatever ``w`` is (the explicit form: ``N^2 (d + C)``), the price of never storing ``S``.
+
+    Shapes: ``query, key: [B, N, d]``, ``value: [B, N, C]`` -> ``[B, N, C]``.
+    """
+    batch, positions, width = query.shape
+    channels = value.shape[-1]
+    if head_width is None:
+        head_width = max(width, min(channels, FUSED_HEAD_WIDTH))
+    if head_width < width:
+        raise ValueError(f"fused_position_attention: expected head_width >= the query width {width}, "
+                         f"got {head_width}")
+    heads = -(-channels // head_width)
+    query = F.pad(query, (0, head_width - width))
+    key = F.pad(key, (0, head_width - width))
+    value = F.pad(value, (0, heads * head_width - channels))
+    value = value.view(batch, positions, heads, head_width).transpose(1, 2)  # [B, h, N, w]
+    shared = (batch, heads, positions, head_width)
+    context = F.scaled_dot_product_attention(query[:, None].expand(shared), key[:, None].expand(shared),
+                                             value, scale=1.0)
+    return context.transpose(1, 2).reshape(batch, positions, heads * head_width)[..., :channels]
 
 
 class PositionAttention(nn.Module):
@@ -85,11 +132,14 @@ class PositionAttention(nn.Module):
 
     * ``"explicit"`` builds ``S`` as the chapter derives it: O(N^2) memory. Its softmax runs in
       float32 even under bf16 autocast.
-    * ``"fused"`` (default) calls ``F.scaled_dot_product_attention(Q, K, V, scale=1.0)``
-      (``scale=1.0`` because DANet does not divide by ``sqrt(d)``). Where PyTorch has a fused
-      kernel for these shapes (on CUDA, the memory-efficient one, which allows the value width C to
-      differ from the query width C/r) the N x N matrix is never stored; elsewhere PyTorch falls
-      back to its math path, with the same result.
+    * ``"fused"`` (default) computes the same ``S V`` with one call of
+      ``F.scaled_dot_product_attention`` (``scale=1.0`` because DANet does not divide by
+      ``sqrt(d)``), so a fused kernel can run and the N x N matrix is never stored. Fused kernels
+      need the query, key and value widths to be equal, and here they are not (C/r against C:
+      called directly, PyTorch silently falls back to its math path, which builds ``S``). So
+      :func:`fused_position_attention` zero-pads the query and key to the value's width (zeros
+      add nothing to a dot product), or, beyond 128 channels, to heads of 128 value channels that
+      share the one query and key: exactly ``S V``, with no N x N matrix stored.
 
     ``S`` is built only when ``return_attention=True`` (then the explicit path runs, whatever
     ``implementation`` says, so the map returned is the one applied).
@@ -132,7 +182,7 @@ class PositionAttention(nn.Module):
             attention = _softmax_float32(query @ key.transpose(1, 2))
             context = attention.to(value.dtype) @ value  # S V = (V^T S^T)^T, the paper's D S^T
         else:
-            context = F.scaled_dot_product_attention(query, key, value, scale=1.0)
+            context = fused_position_attention(query, key, value)
         return context.transpose(1, 2).reshape(batch, channels, height, width), attention
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ._checks import check_feature_map, check_positive, reduced_channels
 
-__all__ = ["DIALSTMCell", "DIAStage"]
+__all__ = ["DIALSTMCell", "DIAStage", "collect_dia"]
 
 #: An LSTM state ``(h, c)``, each ``[B, C]``.
 State = tuple[torch.Tensor, torch.Tensor]
@@ -169,7 +169,14 @@ class DIAStage(nn.Module):
     the pooled branch vector (``[B, C, 1, 1]``, broadcast over the map) where the shortcut should
     be. That scales the identity path and replaces a feature map by a per-channel constant; the
     paper's results come from its ``Bottleneck`` variant, which returns ``(branch, shortcut)``
-    and is what this class follows.
+    and is what this class follows by default. ``variant="official_basic"`` reproduces the
+    ``BasicBlock`` variant, so that the two can be compared:
+
+    .. math::
+
+        v_t = \mathrm{ReLU}(u_t + S_t(x_{t-1})), \quad
+        (h_t, c_t) = \mathrm{cell}(\mathrm{GAP}(v_t), (h_{t-1}, c_{t-1})), \quad
+        x_t = \mathrm{ReLU}(v_t \odot h_t + \mathrm{GAP}(u_t)).
 
     Args:
         blocks: the stage's residual blocks, in order; each must have
@@ -180,16 +187,26 @@ class DIAStage(nn.Module):
         reduction: the cell's ``r`` (4 in the paper).
         in_channels: channels of the stage's input; by default those of the first block's first
             ``nn.Conv2d``. Only used to check the input.
+        variant: ``"branch"`` (default: gate the residual branch before the addition, the
+            paper's Bottleneck form) or ``"official_basic"`` (the official BasicBlock variant
+            above, for comparison).
 
     Shapes: ``x: [B, in_channels, H, W] -> [B, C, H', W']`` (``H', W'`` after the first
-    block's stride). With ``return_attention=True`` returns ``(y, {"gates": g})``, ``g`` of shape
-    ``[B, T, C]``: ``g[:, t]`` is the gate ``h_t`` the cell gave block ``t``.
+    block's stride). With ``return_attention=True`` returns ``(y, {"gates": g, "cells": c})``,
+    both of shape ``[B, T, C]``: ``g[:, t]`` is the gate ``h_t`` the cell gave block ``t`` and
+    ``c[:, t]`` the cell state ``c_t`` it carried on to block ``t + 1``.
     """
 
+    VARIANTS = ("branch", "official_basic")
+
     def __init__(self, blocks: Sequence[nn.Module], channels: int, reduction: float = 4,
-                 in_channels: int | None = None):
+                 in_channels: int | None = None, variant: str = "branch"):
         super().__init__()
         name = type(self).__name__
+        if variant not in self.VARIANTS:
+            raise ValueError(f"{name}: expected variant to be one of {', '.join(map(repr, self.VARIANTS))}, "
+                             f"got {variant!r}")
+        self.variant = variant
         blocks = list(blocks)
         if not blocks:
             raise ValueError(f"{name}: expected at least one block, got none")
@@ -217,14 +234,56 @@ class DIAStage(nn.Module):
         name = type(self).__name__
         check_feature_map(x, self.in_channels, name)
         state: State | None = None
-        gates = []
+        gates, cells = [], []
         for block in self.blocks:
             branch, shortcut = block.forward_parts(x)
             check_feature_map(branch, self.channels, f"{name} ({type(block).__name__} branch)")
-            state = self.cell(branch.mean(dim=(2, 3)), state)
-            h = state[0]
-            x = F.relu(branch * h[:, :, None, None] + shortcut)
-            gates.append(h)
+            if self.variant == "branch":
+                state = self.cell(branch.mean(dim=(2, 3)), state)
+                x = F.relu(branch * state[0][:, :, None, None] + shortcut)
+            else:  # the official BasicBlock: gate after the addition, a pooled branch for a shortcut
+                added = F.relu(branch + shortcut)
+                state = self.cell(added.mean(dim=(2, 3)), state)
+                x = F.relu(added * state[0][:, :, None, None] + branch.mean(dim=(2, 3), keepdim=True))
+            gates.append(state[0])
+            cells.append(state[1])
         if not return_attention:
             return x
-        return x, {"gates": torch.stack(gates, dim=1)}
+        return x, {"gates": torch.stack(gates, dim=1), "cells": torch.stack(cells, dim=1)}
+
+    def extra_repr(self) -> str:
+        return "" if self.variant == "branch" else f"variant={self.variant!r}"
+
+
+@torch.no_grad()
+def collect_dia(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Run ``model(x)`` in eval mode; return each :class:`DIAStage`'s attention, by stage name.
+
+    ``{"layer1": {"gates": [B, T, C], "cells": [B, T, C]}, ...}`` (see :class:`DIAStage`). The
+    model is left as it was (its mode included). Raises ``ValueError`` for a model without a
+    :class:`DIAStage` (:func:`attn_lib.inspect.collect_attention` covers the per-block mechanisms).
+    """
+    stages = {name: m for name, m in model.named_modules() if isinstance(m, DIAStage)}
+    if not stages:
+        raise ValueError(f"expected a model with DIAStage modules (e.g. resnet18(attention='dia')), "
+                         f"got {type(model).__name__} without one")
+    store: dict[str, dict[str, torch.Tensor]] = {}
+
+    def recording(stage_name: str, stage: DIAStage):
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
+            y, attention = DIAStage.forward(stage, inputs, return_attention=True)
+            store[stage_name] = {k: v.detach() for k, v in attention.items()}
+            return y
+        return forward
+
+    was_training = model.training
+    model.eval()
+    try:
+        for stage_name, stage in stages.items():
+            stage.forward = recording(stage_name, stage)
+        model(x)
+    finally:
+        for stage in stages.values():
+            del stage.forward  # the instance attribute goes; the class's forward is back
+        model.train(was_training)
+    return store

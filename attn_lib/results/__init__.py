@@ -30,8 +30,14 @@ def available() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.json"))
 
 
+def _expect_name(value, what: str, example: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"expected {what} such as {example!r}, got {value!r} ({type(value).__name__})")
+
+
 def load(name: str) -> dict:
     """One recorded results file, by name (see :func:`available`)."""
+    _expect_name(name, "the name of a recorded result", "bench-train-gpu")
     path = HERE / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no recorded result {name!r}; available: {', '.join(available()) or 'none'}")
@@ -43,6 +49,7 @@ def load_histories(group: str) -> dict[str, dict]:
 
     For a group with several seeds per attention use :func:`load_runs`.
     """
+    _expect_name(group, "a group name", "cifar10-cpu-w16")
     runs = load_runs(group)
     several = sorted(name for name, seeds in runs.items() if len(seeds) > 1)
     if several:
@@ -56,8 +63,7 @@ def load_runs(group: str) -> dict[str, dict[int, dict]]:
     Reads ``{group}--{attention}.json`` (the seed is taken from the history) and
     ``{group}--{attention}--s{seed}.json``.
     """
-    if not isinstance(group, str) or not group:
-        raise TypeError(f"expected a group name such as 'cifar10-cpu-w16', got {group!r}")
+    _expect_name(group, "a group name", "cifar10-cpu-w16")
     found: dict[str, dict[int, dict]] = {}
     for path in sorted(HERE.glob(f"{group}--*.json")):
         parts = path.stem[len(group) + 2:].split("--")
@@ -72,6 +78,8 @@ def load_runs(group: str) -> dict[str, dict[int, dict]]:
 
 def commit_label(meta: dict) -> str:
     """The commit a result came from, short, with ``-dirty`` kept when the tree had changes."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"expected a history's meta dict (history['meta']), got {type(meta).__name__}")
     commit = meta.get("git_commit") or "unknown"
     return commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
 
@@ -80,6 +88,16 @@ def load_trained(group: str, attention: str, map_location: str = "cpu") -> torch
     """The trained model of run ``{group}--{attention}``, rebuilt from its own config, in eval mode."""
     from ..models import build_model
 
+    _expect_name(group, "a group name", "cifar10-cpu-w16")
+    _expect_name(attention, "an attention name", "se")
+    weighted = sorted(p.stem[len(group) + 2:] for p in (HERE / "weights").glob(f"{group}--*.pt"))
+    if not weighted:
+        load_runs(group)  # raises for an unknown group
+        with_weights = sorted({p.stem.split("--")[0] for p in (HERE / "weights").glob("*.pt")})
+        raise FileNotFoundError(f"no weights are recorded for {group!r} (histories only); groups with "
+                                f"weights: {', '.join(with_weights)}")
+    if attention not in weighted:
+        raise FileNotFoundError(f"no trained {attention!r} model recorded for {group}: {', '.join(weighted)}")
     history = load(f"{group}--{attention}")
     cfg = history["config"]
     path = HERE / "weights" / f"{group}--{attention}.pt"
@@ -92,6 +110,10 @@ def load_trained(group: str, attention: str, map_location: str = "cpu") -> torch
 
 def summarise(history: dict) -> dict:
     """The final epoch's figures of one history, plus its provenance in one line."""
+    if not isinstance(history, dict) or not history.get("epochs") or not isinstance(history.get("meta"), dict):
+        raise ValueError("expected a training history (a dict with 'meta' and at least one of 'epochs', as "
+                         f"load_runs or fit return), got {type(history).__name__} "
+                         f"{sorted(history) if isinstance(history, dict) else ''}".rstrip())
     last = history["epochs"][-1]
     meta = history["meta"]
     return {"val_top1": last.get("val_top1"), "test_top1": last.get("test_top1"),

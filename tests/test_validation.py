@@ -1,0 +1,252 @@
+"""Bad input never passes silently: every wrong option or file gives one clear line and exit 2,
+with no traceback and nothing written; the chapters' entry points raise one clear exception."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attn_lib import results
+from attn_lib.cli import main
+from attn_lib.inspect import collect_attention, grad_cam
+from attn_lib.models import resnet18
+from attn_lib.train import ConfigError, TrainConfig
+
+TINY = ["--dataset", "synthetic", "--device", "cpu", "--no-progress", "-o", "width=8"]
+
+
+def run_cli(args, out, capsys):
+    """Exit status and stderr of ``python -m attn_lib train ARGS --out OUT`` (in process: an
+    exception would fail the test with its traceback)."""
+    try:
+        code = main(["train", *args, "--out", str(out)])
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+# Each row: the options, then what the single error line must contain (the option or file and
+# what is allowed).
+ROWS = {
+    "batch size 0": (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+    "negative epochs": (["--epochs", "-1"], "--epochs -1: expected an integer >= 1"),
+    "zero epochs": (["--epochs", "0"], "--epochs 0: expected an integer >= 1"),
+    "nan lr": (["--lr", "nan"], "--lr nan: expected a finite number > 0"),
+    "infinite lr": (["--lr", "inf"], "--lr inf: expected a finite number > 0"),
+    "zero lr": (["--lr", "0"], "--lr 0.0: expected a finite number > 0"),
+    "val size beyond the data": (["--val-size", "60000"],
+                                 "--val-size 60000: expected 0 to 639 (the synthetic training set has 640"),
+    "negative val size": (["--val-size", "-5"], "--val-size -5: expected an integer >= 0"),
+    "subset 0": (["--train-subset", "0"], "--train-subset 0: expected an integer >= 1"),
+    "subset beyond the data": (["--train-subset", "100000"], "--train-subset 100000: expected 1 to 640"),
+    "val size beyond the subset": (["--train-subset", "100", "--val-size", "100"],
+                                   "--val-size 100: expected 0 to 99"),
+    "batch larger than the training images": (["--batch-size", "600"],
+                                              "--batch-size 600: expected at most 512"),
+    "unknown device": (["--device", "tpu"], "--device 'tpu': expected device cpu, cuda, mps or auto"),
+    "negative seed": (["--seed", "-1"], "--seed -1: expected an integer >= 0"),
+    "stop after 0": (["--stop-after", "0"], "--stop-after 0: expected an integer >= 1"),
+    "bad model option": (["-o", "width=0"], "-o width=0: expected width to be a positive integer"),
+    "option without attention": (["-o", "reduction=4"], "attention options ['reduction'] given without an attention"),
+}
+
+
+@pytest.mark.parametrize("args, message", ROWS.values(), ids=ROWS.keys())
+def test_each_bad_option_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code, err = run_cli(TINY + args, out, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_several_problems_are_all_listed_one_line_each(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(TINY + ["--batch-size", "0", "--epochs", "0", "--lr", "nan"], out, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 3 and not out.exists()
+    assert all(flag in err for flag in ("--batch-size 0", "--epochs 0", "--lr nan"))
+
+
+def test_a_wrong_type_is_refused_by_the_parser(tmp_path, capsys):
+    code, err = run_cli(TINY + ["--batch-size", "abc"], tmp_path / "run", capsys)
+    assert code == 2 and "--batch-size: invalid int value: 'abc'" in err and not (tmp_path / "run").exists()
+
+
+def _npz_not_arrays(path):
+    path.write_text("this is not an array file\n")
+
+
+def _npz_pickled(path):
+    np.savez(path, x=np.array([object()], dtype=object), y=np.zeros(1))
+
+
+def _npz_wrong_shape(path):
+    np.savez(path, x=np.zeros((4, 28, 28), np.uint8), y=np.zeros(4, np.int64))
+
+
+def _npz_wrong_labels(path):
+    np.savez(path, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(3, np.int64))
+
+
+def _npz_missing_y(path):
+    np.savez(path, images=np.zeros((4, 32, 32, 3), np.uint8))
+
+
+DATA_FILES = {
+    "not an array file": (_npz_not_arrays, "a file numpy cannot read as arrays"),
+    "pickled arrays": (_npz_pickled, "cannot be read without pickle"),
+    "wrong image shape": (_npz_wrong_shape, "found x uint8 [4, 28, 28]"),
+    "labels of another length": (_npz_wrong_labels, "found y int64 [3] for 4 images"),
+    "arrays under other names": (_npz_missing_y, "found the arrays ['images']"),
+}
+
+
+@pytest.mark.parametrize("write, found", DATA_FILES.values(), ids=DATA_FILES.keys())
+def test_an_unreadable_data_file_is_named_with_the_expected_format(tmp_path, capsys, write, found):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "cifar10_train.npz"
+    write(path)
+    out = tmp_path / "run"
+    code, err = run_cli(["--dataset", "cifar10", "--data-dir", str(data), "--no-download", "--device", "cpu"],
+                        out, capsys)
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], err
+    assert "x uint8 [N, 32, 32, 3] and y int64 [N]" in lines[0] and found in lines[0], err
+
+
+def test_a_truncated_checkpoint_without_a_previous_one_names_the_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + ["--epochs", "2", "--train-subset", "128", "--val-size", "0"]
+    assert run_cli(args + ["--stop-after", "1"], out, capsys)[0] == 0
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    before = sorted(p.name for p in out.iterdir())
+    code, err = run_cli(args + ["--resume"], out, capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(ckpt) in lines[0] and "delete it" in lines[0], err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_the_cli_itself_exits_2_without_a_traceback(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "attn_lib", "train", "--dataset", "synthetic", "--batch-size", "0",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "error: --batch-size 0: expected an integer >= 1"
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- TrainConfig, directly
+CONFIG_RULES = {
+    "epochs": 0, "batch_size": -3, "lr": float("nan"), "momentum": 1.0, "weight_decay": -1e-4, "gamma": 0.0,
+    "warmup_epochs": float("inf"), "warmup_fraction": 1.5, "label_smoothing": 1.0, "workers": -1,
+    "val_size": 2.5, "train_subset": 0, "seed": "0", "split_seed": -1, "milestones": (120, 80),
+    "schedule": "linear", "pipeline": "tpu", "dataset": "mnist", "model": "vgg", "attention": "transformer",
+    "compile": "yes", "amp": "no", "device": "gpu", "model_kwargs": ["width", 8],
+}
+
+
+@pytest.mark.parametrize("name, value", CONFIG_RULES.items(), ids=CONFIG_RULES.keys())
+def test_train_config_names_each_bad_field(name, value, tmp_path):
+    cfg = TrainConfig.from_preset("fast", **{"dataset": "synthetic", "device": "cpu", name: value})
+    problems = cfg.problems()
+    assert len(problems) == 1 and problems[0].startswith(f"{name} ") and "expected" in problems[0], problems
+    with pytest.raises(ConfigError) as err:
+        cfg.check()
+    assert err.value.problems == problems
+    from attn_lib.train import fit
+
+    with pytest.raises(ConfigError):
+        fit(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_presets_are_valid():
+    from attn_lib.train import PRESETS
+
+    for name in PRESETS:
+        assert TrainConfig.from_preset(name, device="cpu").problems() == []
+
+
+# --------------------------------------------------------------------------- chapters' entry points
+def _grad_cam_target(target):
+    model = resnet18(10, width=16)
+    return grad_cam(model, torch.zeros(2, 3, 32, 32), model.layer4, target)
+
+
+ENTRY_POINTS = {
+    "load with a number": (lambda: results.load(3), TypeError, "expected the name of a recorded result"),
+    "load an unknown name": (lambda: results.load("nope"), FileNotFoundError, "no recorded result 'nope'"),
+    "load_runs with a list": (lambda: results.load_runs(["cifar10-h200-r18"]), TypeError,
+                              "expected a group name"),
+    "load_runs unknown group": (lambda: results.load_runs("cifar99"), FileNotFoundError, "groups:"),
+    "load_histories with None": (lambda: results.load_histories(None), TypeError, "expected a group name"),
+    "load_trained unknown attention": (lambda: results.load_trained("cifar10-cpu-w16", "transformer"),
+                                       FileNotFoundError, "recorded for cifar10-cpu-w16:"),
+    "load_trained without weights": (lambda: results.load_trained("cifar10-h200-r18", "se"), FileNotFoundError,
+                                     "no weights"),
+    "summarise a non-history": (lambda: results.summarise({"epochs": []}), ValueError,
+                                "expected a training history"),
+    "commit_label of a string": (lambda: results.commit_label("abc"), TypeError, "expected a history's meta"),
+    "collect_attention with a non-model": (lambda: collect_attention("resnet18", torch.zeros(1, 3, 32, 32)),
+                                           TypeError, "expected an nn.Module"),
+    "collect_attention with a numpy image": (lambda: collect_attention(resnet18(10, "se", width=16),
+                                                                       np.zeros((1, 3, 32, 32))),
+                                             TypeError, "expected x as a torch.Tensor"),
+    "collect_attention with one image, unbatched": (lambda: collect_attention(resnet18(10, "se", width=16),
+                                                                              torch.zeros(3, 32, 32)),
+                                                    ValueError, r"expected x of shape \[B, 3, H, W\]"),
+    "collect_attention with HWC images": (lambda: collect_attention(resnet18(10, "se", width=16),
+                                                                    torch.zeros(2, 32, 32, 3)),
+                                          ValueError, r"expected x of shape \[B, 3, H, W\]"),
+    "collect_attention with uint8 images": (lambda: collect_attention(resnet18(10, "se", width=16),
+                                                                      torch.zeros(2, 3, 32, 32, dtype=torch.uint8)),
+                                            TypeError, "floating-point"),
+    "grad_cam with a layer not in the model": (lambda: grad_cam(resnet18(10, width=16), torch.zeros(1, 3, 32, 32),
+                                                                torch.nn.Conv2d(3, 3, 1)),
+                                               ValueError, "is not a module of the model"),
+    "grad_cam with a wrong target": (lambda: _grad_cam_target(torch.tensor([1, 2, 3])), ValueError,
+                                     r"expected target of shape \[2\]"),
+    "grad_cam with a class that does not exist": (lambda: _grad_cam_target(torch.tensor([1, 10])), ValueError,
+                                                  "class indices in 0..9"),
+}
+
+
+@pytest.mark.parametrize("call, error, message", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
+def test_entry_points_raise_one_clear_exception(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+# --------------------------------------------------------------------------- checkers' arguments
+from attn_lib.exercises.report import expect_arguments  # noqa: E402
+from attn_lib.modules.se import SqueezeExcitation  # noqa: E402
+
+CHECKER_ARGUMENTS = {
+    "an instance instead of the class": (dict(cls=SqueezeExcitation(32)), TypeError,
+                                         "expected the class itself, got an instance of SqueezeExcitation"),
+    "a string instead of a class": (dict(cls="SqueezeExcitation"), TypeError, "expected a class to build"),
+    "a number instead of a function": (dict(fn=3), TypeError, "expected a function, got int 3"),
+    "channels as a string": (dict(cls=SqueezeExcitation, channels="32"), TypeError,
+                             "expected channels as an integer, got str '32'"),
+    "reduction zero": (dict(cls=SqueezeExcitation, reduction=0), ValueError, "expected reduction >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("kwargs, error, message", CHECKER_ARGUMENTS.values(), ids=CHECKER_ARGUMENTS.keys())
+def test_checker_arguments_raise_one_clear_exception(kwargs, error, message):
+    with pytest.raises(error, match=f"check_squeeze_excitation: {message}"):
+        expect_arguments("check_squeeze_excitation", **kwargs)
+
+
+def test_right_checker_arguments_pass():
+    expect_arguments("check_squeeze_excitation", cls=SqueezeExcitation, channels=32, reduction=8, official=True)
+    expect_arguments("check_accuracy", fn=lambda logits, target, k: 0.0)
