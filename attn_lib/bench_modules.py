@@ -91,6 +91,15 @@ ATTENTION_MODULES = {
     "danet_position": ("danet", {"mode": "position"}),
 }
 
+#: The non-local forms that :func:`bench_nonlocal` compares (the non-local chapter): the embedded
+#: gaussian, whose fused form is ``F.scaled_dot_product_attention``, and the dot form, whose
+#: "fused" form is the re-associated θ (φᵀ g) / N', which builds no N x N map.
+NONLOCAL_FORMS = {
+    "nonlocal": ATTENTION_MODULES["nonlocal"],
+    "nonlocal_dot": ("nonlocal", {"mode": "dot", "sub_sample": False}),
+}
+REASSOCIATED = "re-associated theta (phi^T g) / N' (no attention kernel)"
+
 MIB = 2**20
 
 
@@ -314,7 +323,7 @@ def explicit_vs_fused_rows(device: torch.device, sizes: Sequence[int], *, batch:
     impls = ("explicit", "fused")
     for size in sizes:
         for label in modules:
-            name, options = ATTENTION_MODULES[label]
+            name, options = {**ATTENTION_MODULES, **NONLOCAL_FORMS}[label]
             g = torch.Generator().manual_seed(seed)
             x = torch.randn(batch, channels, size, size, generator=g)
             x = x.to(device, memory_format=torch.channels_last).requires_grad_(True)
@@ -325,7 +334,7 @@ def explicit_vs_fused_rows(device: torch.device, sizes: Sequence[int], *, batch:
                 step, clear = _attention_step(module, x, device)
                 try:
                     if impl == "fused":
-                        kernel = _fused_kernel(module, x, device)
+                        kernel = REASSOCIATED if options.get("mode") == "dot" else _fused_kernel(module, x, device)
                     for _ in range(max(warmup, 1)):
                         step()
                     t1 = _time_steps(step, itertools.repeat(()), 0, 1, device)
@@ -612,3 +621,67 @@ def bench_danet_position(device: torch.device, steps: int | None = None, seed: i
         "seconds_total": elapsed,
         "rows": rows,
     }
+
+def bench_nonlocal(device: torch.device | str, seed: int = 0, command: str | None = None,
+                   **overrides) -> dict:
+    """The non-local chapter's benchmark: :func:`explicit_vs_fused_rows` for the forms in
+    :data:`NONLOCAL_FORMS` (embedded gaussian: explicit softmax vs ``F.scaled_dot_product_attention``;
+    dot: explicit N x N map vs the re-associated product), with the module benchmark's per-device
+    settings (``attn_sizes``, ``attn_batch``, ``attn_channels``, ``attn_rounds``, ``steps``,
+    ``warmup``, ``min_seconds``, ``threads`` may be overridden) and the run's provenance.
+
+    ``python -m attn_lib.bench_modules nonlocal --device cpu --out FILE`` writes it.
+    """
+    from .provenance import provenance
+
+    device = torch.device(device)
+    s = _settings(device)
+    unknown = set(overrides) - set(s)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {sorted(s)}")
+    s.update(overrides)
+    threads_before = torch.get_num_threads()
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    s["threads"] = torch.get_num_threads()
+    try:
+        meta = provenance(device, seed, command)
+        t0 = time.perf_counter()
+        rows = explicit_vs_fused_rows(device, s["attn_sizes"], batch=s["attn_batch"], channels=s["attn_channels"],
+                                      steps=s["steps"], warmup=s["warmup"], rounds=s["attn_rounds"], seed=seed,
+                                      min_seconds=s["min_seconds"], modules=tuple(NONLOCAL_FORMS))
+        elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads_before)
+    return {**meta, "benchmark": "nonlocal explicit vs fused",
+            "timing": "forward + backward of one block, " + _dtype_name(device) + ", channels_last; "
+                      "medians over interleaved rounds",
+            "cpu_threads": s["threads"],
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+            "seconds_total": elapsed, "rows": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m attn_lib.bench_modules nonlocal [--device D] [--out FILE]``."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m attn_lib.bench_modules",
+                                     description="the non-local block, explicit vs fused (a benchmark, not a test)")
+    parser.add_argument("what", choices=["nonlocal"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="results file (default: printed only)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    command = "python -m attn_lib.bench_modules " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = bench_nonlocal(args.device, seed=args.seed, command=command)
+    text = json.dumps(results, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,10 +32,12 @@ class ChapterError(RuntimeError):
 
 
 def _notebooks_dir() -> Path:
-    from .data import default_data_dir
-
-    root = default_data_dir().parent
-    for folder in (root / "notebooks", Path.cwd() / "notebooks", Path.cwd()):
+    """``notebooks/`` of the course checkout that contains the working directory, else of the
+    checkout this package is installed from (an editable install), else the working directory."""
+    here = Path.cwd().resolve()
+    package_root = Path(__file__).resolve().parents[1]
+    for folder in (*[f / "notebooks" for f in (here, *here.parents) if (f / "_toc.yml").is_file()],
+                   package_root / "notebooks", here):
         if any(folder.glob("[0-9][0-9]_*.ipynb")):
             return folder
     raise ChapterError("no chapters found: run this from the course's checkout (the folder with notebooks/)")
@@ -159,6 +161,26 @@ def time_chapters(names: list[str] | None = None, command: str | None = None) ->
             "rows": rows}
 
 
+def times_table(record: dict) -> str:
+    """The Markdown table of a ``chapter time`` record, for the teachers' page."""
+    from .classroom import exercises
+
+    lines = ["| chapter | quick mode, CPU (measured) | full mode, H100-class GPU (estimated) | "
+             "full mode, T4-class GPU (estimated) | graded exercises |", "|---|---|---|---|---|"]
+    for row in record["rows"]:
+        est = row["full_mode_estimate"]
+        lines.append(f"| {row['chapter']} | {row['seconds']:.0f} s | {est['H100-class minutes']:.0f} min | "
+                     f"{est['T4-class minutes']:.0f} min | {len(exercises(row['chapter']))} |")
+    commit = record.get("git_commit") or "unknown"
+    lines += ["", f"Quick mode: wall-clock time of each chapter run as a script, one at a time, on "
+                  f"{record['device_name']} (torch {record['torch']}, commit {commit[:10]}), recorded in "
+                  f"`attn_lib/results/chapters-cpu.json` by `{record['command']}`. Full mode: the training "
+                  f"its runs need, estimated from the GPU benchmarks recorded on an NVIDIA H200 "
+                  f"(`attn_lib.course.full_mode_estimate`: an H100 has the same compute; a T4 is scaled by "
+                  f"data-sheet peak), without start-up and evaluation."]
+    return "\n".join(lines) + "\n"
+
+
 def main(args) -> int:
     """The ``chapter`` subcommand of the CLI."""
     if args.action == "list":
@@ -170,6 +192,8 @@ def main(args) -> int:
             text = json.dumps(record, indent=1) + "\n"
             if args.out:
                 Path(args.out).write_text(text)
+            if args.table:
+                Path(args.table).write_text(times_table(record))
             for row in record["rows"]:
                 est = row["full_mode_estimate"]
                 print(f"{row['chapter']}: quick mode {row['seconds']:.0f} s; full mode about "

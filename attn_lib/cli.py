@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--full", action="store_true", help="full mode (FULL = True): train for real")
     c.add_argument("--json-out", help="run: also write the time and the runs full mode trains as JSON")
     c.add_argument("--out", help="time: the results file to write")
+    c.add_argument("--table", help="time: also write the Markdown table for the teachers' page")
     k = sub.add_parser("classroom", help="student versions of the chapters, and grading",
                        description="export: write every chapter without its solution cells (or, with "
                                    "--keep-solutions, the teacher's copy). grade: run the exercises of every "

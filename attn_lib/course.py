@@ -205,17 +205,221 @@ def full_mode_estimate(names: Sequence[str], seeds: Sequence[int] = (0,), epochs
             "basis": "measured step-time ratios" if measured else "forward FLOPs relative to ResNet-18"}
 
 
-# ----------------------------------------------------------------------------- cost, predictions, statistics
-# Written once for every chapter: parameter and multiply-add counts, step timing, per-image
-# predictions of a trained network, and the paired statistics that compare two networks (from
-# scipy.stats, never a hand-written formula).
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters of ``model`` (works on the ``meta`` device)."""
+# ----------------------------------------------------------------------------- costs and timing
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``model`` (all, or only those that require gradients)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
+
+def model_cost(model: torch.nn.Module, image_size: int = 32, in_channels: int = 3) -> dict[str, int]:
+    """Parameters, FLOPs and multiply-accumulates (MACs) of one forward pass of one image.
+
+    FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and
+    convolutions, 2 FLOPs per multiply-add; element-wise work is not counted), so
+    ``macs == flops // 2``. Runs on the model's own device: a model built on the ``meta`` device
+    (shapes, no storage) is counted instantly. The model is put in eval mode.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"expected a positive image size in pixels, got {image_size!r}")
+    model.eval()
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    x = torch.zeros(1, in_channels, image_size, image_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    flops = int(counter.get_total_flops())
+    return {"parameters": count_parameters(model), "flops": flops, "macs": flops // 2}
+
+
+def step_time_ratios(models: dict, batch: int = 32, rounds: int = 3, image_size: int = 32,
+                     num_classes: int = 10) -> dict[str, dict[str, float]]:
+    """Time training steps (forward, cross-entropy, backward, SGD step) of several models on the CPU.
+
+    ``models``: ``{name: nn.Module}``; the first is the base. The models take turns, one step each
+    per round after one untimed warm-up step, so that a machine that slows down affects all of
+    them alike. Returns ``{name: {"seconds": median step time, "ratio": median over rounds of
+    (step time / base's step time in the same round)}}``. On a shared CPU expect a few percent of
+    noise: ratios within that of 1 mean "no measurable difference".
+    """
+    import statistics
+    import time
+
+    if not models:
+        raise ValueError("expected at least one model to time, got none")
+    if rounds < 1 or batch < 1:
+        raise ValueError(f"expected rounds >= 1 and batch >= 1, got rounds={rounds}, batch={batch}")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size, generator=gen)
+    y = torch.randint(0, num_classes, (batch,), generator=gen)
+    steps = {}
+    for name, model in models.items():
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        step()  # warm-up, not timed
+        steps[name] = step
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - start)
+    base = next(iter(models))
+    return {name: {"seconds": statistics.median(t),
+                   "ratio": statistics.median(a / b for a, b in zip(t, seconds[base]))}
+            for name, t in seconds.items()}
+
+
+# ----------------------------------------------------------------------------- several seeds
+def final_values(runs: dict, metric: str = "val_top1") -> dict[str, dict[int, float]]:
+    """``{name: {seed: value of metric at the last epoch that has it}}`` for ``train_or_load``'s runs."""
+    out: dict[str, dict[int, float]] = {}
+    for name, seeds in runs.items():
+        for seed, history in seeds.items():
+            values = [e[metric] for e in history["epochs"] if metric in e]
+            if not values:
+                raise ValueError(f"run {name!r} seed {seed} has no {metric!r}; "
+                                 f"it has {sorted(history['epochs'][-1])}")
+            out.setdefault(name, {})[seed] = float(values[-1])
+    return out
+
+
+def seed_summary(runs: dict, metric: str = "val_top1") -> dict[str, dict]:
+    """Mean and sample standard deviation over seeds of each run's final ``metric``.
+
+    Returns ``{name: {"values": [...], "seeds": [...], "n": n, "mean": m, "std": s}}``; ``std`` is
+    NaN for a single seed (one run says nothing about the spread between seeds).
+    """
+    import numpy as np
+
+    out = {}
+    for name, by_seed in final_values(runs, metric).items():
+        values = np.array(list(by_seed.values()))
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+        out[name] = {"values": values.tolist(), "seeds": list(by_seed), "n": len(values),
+                     "mean": float(np.mean(values)), "std": std}
+    return out
+
+
+def paired_seed_difference(runs: dict, name: str, base: str = "none", metric: str = "val_top1",
+                           confidence: float = 0.95) -> dict:
+    """``name`` minus ``base`` over the seeds both have, paired by seed (same split, same data order).
+
+    A paired t-test from ``scipy.stats.ttest_rel`` and its confidence interval for the mean
+    difference. Returns ``{"seeds", "differences", "mean", "low", "high", "p_value"}``; with fewer
+    than two common seeds the interval and p-value are NaN.
+    """
+    import numpy as np
+    from scipy import stats
+
+    values = final_values(runs, metric)
+    for key in (name, base):
+        if key not in values:
+            raise ValueError(f"no runs named {key!r}; expected one of {', '.join(values)}")
+    seeds = sorted(set(values[name]) & set(values[base]))
+    if not seeds:
+        raise ValueError(f"{name!r} and {base!r} share no seed: {sorted(values[name])} vs "
+                         f"{sorted(values[base])}")
+    a = np.array([values[name][s] for s in seeds])
+    b = np.array([values[base][s] for s in seeds])
+    out = {"seeds": seeds, "differences": (a - b).tolist(), "mean": float(np.mean(a - b)),
+           "low": float("nan"), "high": float("nan"), "p_value": float("nan")}
+    if len(seeds) > 1 and np.ptp(a - b) > 0:
+        test = stats.ttest_rel(a, b)
+        interval = test.confidence_interval(confidence)
+        out.update(low=float(interval.low), high=float(interval.high), p_value=float(test.pvalue))
+    return out
+
+
+# ----------------------------------------------------------------------------- shipped weights
+def check_shipped_weights(model: torch.nn.Module, history: dict, test_set, margin: float = 1e-2,
+                          batch_size: int = 500) -> dict:
+    """Evaluate shipped (float16-copy) weights on the test images their run was measured on.
+
+    The recorded runs were tested on the first ``history["meta"]["test_images"]`` images of the
+    CIFAR-10 test set. The weights ship as a float16 copy, which can flip a prediction whose
+    top-two logit margin is below its rounding (about 1e-3); so the recomputed accuracy may differ
+    from the recorded one by at most the share of images whose margin is below ``margin``
+    (1e-2, ten times that rounding). Returns the recomputed accuracy on that subset, the allowed
+    difference and, when ``test_set`` holds more images (the full 10,000), the accuracy on all of
+    them (no recorded figure to compare with). Raises ``AssertionError`` beyond the tolerance.
+    """
+    from .data import GPULoader
+
+    cfg, meta = history["config"], history["meta"]
+    n = int(meta["test_images"])
+    if len(test_set) < n:
+        raise ValueError(f"the run was tested on {n:,} images; this test set has {len(test_set):,}")
+
+    @torch.no_grad()
+    def logits_of(data) -> tuple[torch.Tensor, torch.Tensor]:
+        out, labels = [], []
+        for x, y in GPULoader(data, batch_size, train=False):
+            z = model(x).float()
+            if cfg.get("tta"):
+                z = 0.5 * (z + model(torch.flip(x, dims=[3])).float())
+            out.append(z)
+            labels.append(y)
+        return torch.cat(out), torch.cat(labels)
+
+    model.eval()
+    logits, labels = logits_of(test_set.subset(range(n)))
+    top2 = logits.topk(2, dim=1).values
+    fragile = int((top2[:, 0] - top2[:, 1] < margin).sum())
+    recomputed = 100.0 * (logits.argmax(1) == labels).double().mean().item()
+    recorded = float(history["epochs"][-1]["test_top1"])
+    allowed = 100.0 * fragile / n
+    report = {"images": n, "recomputed": recomputed, "recorded": recorded, "fragile": fragile,
+              "allowed": allowed, "full": None}
+    if len(test_set) > n:
+        full_logits, full_labels = logits_of(test_set)
+        report["full"] = {"images": len(test_set),
+                          "top1": 100.0 * (full_logits.argmax(1) == full_labels).double().mean().item()}
+    assert abs(recomputed - recorded) <= allowed + 1e-9, (
+        f"the shipped weights give {recomputed:.2f}% on the {n:,} recorded test images, the record says "
+        f"{recorded:.2f}%: more than the {fragile} image(s) whose logit margin is below {margin} "
+        f"(a float16 copy can flip only those)")
+    return report
+
+
+# ----------------------------------------------------------------------------- printing
+def wrap_command(command: str, width: int = 88, indent: str = "    ") -> str:
+    """A shell command broken into lines of at most ``width`` characters with ``\\`` continuations,
+    so that it can still be copied and pasted (an option stays on the line of its value)."""
+    tokens, words = command.split(), []
+    for token in tokens:  # an option and its value stay on one line: "--epochs 5"
+        if words and words[-1].startswith("-") and " " not in words[-1] and not token.startswith("-"):
+            words[-1] += " " + token
+        else:
+            words.append(token)
+    lines, line = [], ""
+    for word in words:
+        candidate = f"{line} {word}" if line else word
+        if line and len(candidate) + 2 > width:
+            lines.append(line + " \\")
+            line = indent + word
+        else:
+            line = candidate
+    lines.append(line)
+    return "\n".join(lines)
+
+
+__all__ += ["check_shipped_weights", "count_parameters", "final_values", "model_cost",
+            "paired_seed_difference", "seed_summary", "step_time_ratios", "wrap_command"]
+
+
+# ----------------------------------------------------------------------------- predictions, paired tests
+# Per-image predictions of a trained network, the paired statistics that compare two networks
+# (from scipy.stats, never a hand-written formula), recorded benchmarks side by side, wrapped
+# printing. Used by the SK and CBAM chapters.
 
 def count_macs(model: torch.nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32)) -> float:
     """Multiply-adds of one forward pass of an input of ``input_shape``.
@@ -273,7 +477,6 @@ def normalised_images(data: ArrayDataset, indices: Sequence[int] | slice | None 
     return (images - mean) / std
 
 
-@torch.no_grad()
 def predict(model: torch.nn.Module, data: ArrayDataset, batch_size: int = 250, tta: bool = True):
     """Predicted class of every image of ``data`` (numpy ``[N]``), in eval mode.
 
@@ -326,24 +529,6 @@ def paired_comparison(labels, predicted_a, predicted_b) -> dict:
             "mcnemar_p": float(p), "paired_se": float(100 * stats.sem(right_b - right_a))}
 
 
-def seed_summary(runs: dict[str, dict[int, dict]], metric: str = "val_top1") -> dict[str, dict]:
-    """Final-epoch ``metric`` of each run: ``{name: {"values": {seed: v}, "mean", "std"}}``.
-
-    ``std`` is the sample standard deviation over seeds (ddof=1; 0 for a single seed).
-    """
-    import numpy as np
-
-    out = {}
-    for name, seeds in runs.items():
-        values = {s: h["epochs"][-1][metric] for s, h in seeds.items() if metric in h["epochs"][-1]}
-        if not values:
-            raise ValueError(f"no {metric!r} in the last epoch of the {name!r} runs")
-        v = np.array(list(values.values()), dtype=float)
-        out[name] = {"values": values, "mean": float(v.mean()),
-                     "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
-    return out
-
-
 def seed_difference(runs: dict[str, dict[int, dict]], a: str, b: str, metric: str = "val_top1") -> dict:
     """``b - a`` seed by seed (the seeds both have), its mean, and a paired t-test over seeds
     (``scipy.stats.ttest_rel``; ``p`` is None with fewer than two seeds)."""
@@ -383,10 +568,6 @@ def benchmark_rows(attentions: Sequence[str], names: Sequence[str] = ("bench-mod
     return rows
 
 
-__all__ += ["benchmark_rows", "count_macs", "count_parameters", "normalised_images", "paired_comparison",
-            "predict", "seed_difference", "seed_summary", "step_seconds"]
-
-
 def print_wrapped(obj, width: int = 88, indent: int = 4):
     """Print ``str(obj)`` with every line longer than ``width`` wrapped, the continuation lines
     indented by ``indent`` spaces more than the line they continue (a checker's report, a long
@@ -406,4 +587,5 @@ def print_wrapped(obj, width: int = 88, indent: int = 4):
     return obj
 
 
-__all__ += ["print_wrapped"]
+__all__ += ["benchmark_rows", "count_macs", "normalised_images", "paired_comparison", "predict",
+            "print_wrapped", "seed_difference", "step_seconds"]

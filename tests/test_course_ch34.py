@@ -160,13 +160,13 @@ def test_shared_layout_edge_cases():
         shared_layout(torch.rand(3, 3))
 
 
-def test_plot_seed_curves_draws_mean_band_and_seeds():
+def test_plot_seed_spread_draws_mean_band_and_seeds():
     runs = {"none": {0: _history([50, 60]), 1: _history([52, 61])}, "sk": {0: _history([49, 59])}}
-    ax = plotting.plot_seed_curves(runs)
+    ax = plotting.plot_seed_spread(runs)
     assert len(ax.lines) == 1 + 2 + 1 and len(ax.collections) == 1
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [51, 60.5])
     with pytest.raises(ValueError, match="no epoch"):
-        plotting.plot_seed_curves(runs, first_epoch=5)
+        plotting.plot_seed_spread(runs, first_epoch=5)
     plt.close("all")
 
 

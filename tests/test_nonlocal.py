@@ -141,7 +141,7 @@ def test_matches_naive_reference(mode, dim, sub_sample, pool_input):
     torch.testing.assert_close(attention, expected_map)
 
 
-@pytest.mark.parametrize("mode", FUSED_MODES)
+@pytest.mark.parametrize("mode", SOFTMAX_MODES)
 def test_scale_option_matches_naive_reference(mode):
     block = make_block(mode, 2, scale=True)
     x = make_input(2)
@@ -155,6 +155,26 @@ def test_scale_option_matches_naive_reference(mode):
     unscaled = make_block(mode, 2, scale=False)
     with torch.no_grad():
         assert not torch.allclose(unscaled(x), z)
+
+
+def test_a_scale_on_the_dot_form_is_absorbed_by_w_z():
+    """Why ``scale=True`` is refused for dot: the official code never scales its dot branch, and
+    there a constant factor k on θᵀφ only multiplies y by k, which W_z absorbs exactly (the
+    same block with W_z's weight times k). In the softmax forms it is a temperature and is not
+    absorbed (see ``test_scale_option_matches_naive_reference``)."""
+    block = make_block("dot", 2, bn_layer=False)
+    x = make_input(2)
+    k = 1.0 / math.sqrt(block.inter_channels)
+    theta, phi, g = block.embed(x)
+    with torch.no_grad():
+        y_scaled = (k * block.pairwise_weights(theta, phi)) @ g  # a hand-scaled dot form
+        z_scaled = torch.einsum("cd,bnd->bcn", block.w_z.weight.flatten(1), y_scaled)
+        z_scaled = z_scaled + block.w_z.bias[:, None]
+        z_scaled = z_scaled.reshape(x.shape) + x
+        absorbed = make_block("dot", 2, bn_layer=False)
+        absorbed.w_z.weight.mul_(k)
+        torch.testing.assert_close(absorbed(x), z_scaled)
+        assert not torch.allclose(block(x), z_scaled)
 
 
 def test_pooling_order_options_are_different_functions():
@@ -171,8 +191,9 @@ def test_pooling_order_options_are_different_functions():
 # Fused == explicit
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scale", [False, True])
-@pytest.mark.parametrize("mode", FUSED_MODES)
+@pytest.mark.parametrize(
+    "mode, scale", [(m, False) for m in FUSED_MODES] + [(m, True) for m in SOFTMAX_MODES]
+)
 def test_fused_equals_explicit(mode, scale):
     explicit = make_block(mode, 2, implementation="explicit", scale=scale).train()
     fused = make_block(mode, 2, implementation="fused", scale=scale).train()
@@ -362,6 +383,9 @@ def test_video_with_one_frame_works_since_time_is_not_pooled():
         ({"mode": "concat", "implementation": "fused"},
          r"expected implementation 'auto' or 'explicit' for mode 'concat'.*got 'fused'"),
         ({"mode": "concat", "scale": True}, r"expected scale=False for mode 'concat'.*got True"),
+        ({"mode": "dot", "scale": True},
+         r"expected scale=False for mode 'dot': the official code scales θᵀφ only before its "
+         r"softmax.*got True"),
         ({"inter_channels": 0}, r"expected inter_channels to be a positive integer, got 0"),
     ],
 )
@@ -550,3 +574,18 @@ def test_timm_non_local_attn_with_copied_weights():
         ours_scaled.theta.bias.mul_(math.sqrt(d / c))
         torch.testing.assert_close(ours_scaled(x), theirs_scaled(x))
 
+
+
+def test_nonlocal_benchmark_rows_tiny_cpu_run():
+    """The chapter's benchmark runs (tiny settings: it is a benchmark, its timings are not
+    tested) and labels what the 'fused' form of each mode is."""
+    from attn_lib.bench_modules import bench_nonlocal
+
+    out = bench_nonlocal("cpu", attn_sizes=(4,), attn_batch=1, attn_channels=8, attn_rounds=1,
+                         min_seconds=0.0, command="test")
+    rows = {row["module"]: row for row in out["rows"]}
+    assert set(rows) == {"nonlocal", "nonlocal_dot"}
+    assert rows["nonlocal_dot"]["fused_kernel"].startswith("re-associated")
+    assert rows["nonlocal"]["attention_map_mib"] == 1 * 16 * 16 * 4 / 2**20
+    assert out["command"] == "test" and out["git_commit"]
+    assert all(row["explicit_seconds"] > 0 and row["fused_seconds"] > 0 for row in rows.values())

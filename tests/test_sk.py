@@ -141,6 +141,36 @@ def test_output_is_the_attention_weighted_sum_of_the_branches():
     torch.testing.assert_close(y, expected)
 
 
+def with_select_bias(module: SelectiveKernel, bias: torch.Tensor) -> SelectiveKernel:
+    """The same unit with a bias ``[M, C]`` on the select layer ``A`` (branch-major)."""
+    select = nn.Conv2d(module.hidden, module.branches * module.out_channels, 1, bias=True)
+    with torch.no_grad():
+        select.weight.copy_(module.select.weight)
+        select.bias.copy_(bias.flatten())
+    module.select = select
+    return module
+
+
+def test_a_per_branch_select_bias_is_not_cancelled_by_the_softmax():
+    """A softmax over the branches ignores a shift shared by all branches (a bias b_c the same
+    for every m) but not a bias that differs per branch: that one is a learned preference for a
+    branch, and changes the output. (The unit has no bias on A, as in the paper and the
+    authors' SKNet-50; the reason is not that a bias would be harmless.)"""
+    x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0))
+    plain = randomized(channels=8, branches=2, groups=2).eval()
+    with torch.no_grad():
+        y, attention = plain(x, return_attention=True)
+        shared = with_select_bias(randomized(channels=8, branches=2, groups=2).eval(),
+                                  torch.linspace(-2, 2, 8).expand(2, 8))
+        torch.testing.assert_close(shared(x), y)  # same shift for both branches: cancelled
+        per_branch = torch.stack([torch.full((8,), 2.0), torch.full((8,), -2.0)])
+        biased = with_select_bias(randomized(channels=8, branches=2, groups=2).eval(), per_branch)
+        y_biased, attention_biased = biased(x, return_attention=True)
+    assert not torch.allclose(y_biased, y, atol=1e-3)
+    # the bias moves weight towards branch 0 for every channel of every image
+    assert (attention_biased[:, 0] > attention[:, 0]).all()
+
+
 def test_single_branch_has_all_ones_attention_and_is_conv_bn_relu():
     module = randomized(channels=8, branches=1, groups=2).eval()
     x = torch.randn(2, 8, 5, 5)

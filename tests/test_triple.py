@@ -467,3 +467,64 @@ def test_densenet_rejects_bad_calls():
         plain(torch.randn(1, 3, 8, 8), return_aux=True)
     with pytest.raises(ValueError, match=r"expected images \[B, 3, H, W\], got \[1, 1, 8, 8\]"):
         plain(torch.randn(1, 1, 8, 8))
+
+
+def test_densenet121_width_scales_like_the_resnets():
+    standard = densenet121(10)
+    assert (standard.blocks[0].layers[0].conv2.out_channels, standard.stem.out_channels) == (32, 64)
+    assert sum(p.numel() for p in densenet121(10, width=64).parameters()) == \
+        sum(p.numel() for p in standard.parameters())
+    narrow = densenet121(10, width=8, block_config=(1, 1))
+    reference = densenet121(10, growth_rate=4, num_init_features=8, block_config=(1, 1))
+    assert narrow.stem.out_channels == 8 and narrow.num_features == reference.num_features
+    assert sum(p.numel() for p in narrow.parameters()) == sum(p.numel() for p in reference.parameters())
+    built = build_model("densenet121", 10, "triple", width=8, block_config=(1, 1), hidden=8,
+                        reduction=2, scale_reduction=2)
+    assert built.num_features == reference.num_features
+    with pytest.raises(ValueError, match="either width or growth_rate"):
+        densenet121(10, width=8, growth_rate=4)
+    with pytest.raises(ValueError, match="width to be an integer >= 2"):
+        densenet121(10, width=1)
+
+
+def test_each_part_alone_and_the_sum_of_their_parameters():
+    full = small_triple()
+    plain = densenet121(5, growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    added = {}
+    x = torch.randn(2, 3, 32, 32)
+    for part in ("channel", "element", "scale"):
+        model = small_triple(parts=[part])
+        assert model.parts == (part,)
+        added[part] = count(model) - count(plain)
+        logits, attention = model.eval()(x, return_attention=True)
+        assert logits.shape == (2, 5)
+        assert [k for k, v in attention.items() if v is not None] == \
+            {"channel": ["channel"], "element": ["element", "scores"], "scale": ["scale"]}[part]
+        assert (model.auxiliary_loss_weight > 0) == (part == "element")
+    assert sum(added.values()) == count(full) - count(plain)
+    with pytest.raises(ValueError, match="return_aux expected the element-wise part"):
+        small_triple(parts=["channel"])(x, return_aux=True)
+    for bad in (["spatial"], [], "channel", ["scale", "scale"]):
+        with pytest.raises(ValueError, match="expected parts"):
+            small_triple(parts=bad)
+    with pytest.raises(ValueError, match="without attention='triple'"):
+        densenet121(5, parts=["channel"])
+
+
+def test_bench_densenet_rows_at_toy_size():
+    from attn_lib.bench_densenet import VARIANTS, bench_densenet, build_variant
+
+    kwargs = dict(growth_rate=4, block_config=(1, 1), num_init_features=8, hidden=8, reduction=2,
+                  scale_reduction=2)
+    result = bench_densenet("cpu", batch=2, rounds=1, **kwargs)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == list(VARIANTS) and result["model_kwargs"] == kwargs
+    plain = densenet121(10, growth_rate=4, block_config=(1, 1), num_init_features=8)
+    assert rows["none"]["params"] == sum(p.numel() for p in plain.parameters())
+    added = {n: rows[n]["params"] - rows["none"]["params"] for n in rows}
+    assert added["triple"] == added["channel"] + added["element"] + added["scale"] > 0
+    assert rows["element"]["flops"] > rows["none"]["flops"] and rows["none"]["step_time_ratio"] == 1.0
+    assert all(r["step_seconds"] > 0 for r in rows.values())
+    with pytest.raises(ValueError, match="unknown variant"):
+        build_variant("spatial")

@@ -4,8 +4,9 @@ what is right and what is wrong.
     from attn_lib.exercises import se
     report = se.check_squeeze_excitation(MySE)   # prints a report; report.passed is True/False
 
-Each chapter has its own module here (``baseline``, ``se``, ``sk``, ``cbam``, ``danet``, ``dia``).
-A checker never raises because the student's code is wrong: every failure becomes a line in the report.
+Each chapter has its own module here (``baseline``, ``se``, ``sk``, ``cbam``, ``danet``,
+``non_local``, ``dia``, ``triple``). A checker never raises because the student's code is wrong: every failure becomes a line
+in the report.
 """
 from .report import Report
 

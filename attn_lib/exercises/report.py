@@ -35,10 +35,17 @@ class Report:
     def passed(self) -> bool:
         return bool(self.checks) and all(ok for _, ok, _ in self.checks)
 
+    #: Reports are wrapped to this many columns, so that they read without scrolling in the book.
+    WIDTH = 88
+
     def __str__(self) -> str:
-        lines = [self.title]
+        import textwrap
+
+        lines = textwrap.wrap(self.title, self.WIDTH, subsequent_indent="  ", break_on_hyphens=False)
         for name, ok, detail in self.checks:
-            lines.append(f"  {'✓' if ok else '✗'} {name}" + (f": {detail}" if detail else ""))
+            line = f"  {'✓' if ok else '✗'} {name}" + (f": {detail}" if detail else "")
+            lines += textwrap.wrap(line, self.WIDTH, subsequent_indent="      ", break_on_hyphens=False,
+                                   break_long_words=False)
         n_ok = sum(ok for _, ok, _ in self.checks)
         lines.append(f"  {n_ok}/{len(self.checks)} checks passed" + (" — well done!" if self.passed else ""))
         return "\n".join(lines)

@@ -45,10 +45,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "densenet121", "ATTENTIONS"]
+__all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "densenet121", "ATTENTIONS", "PARTS"]
 
 #: The values ``attention=`` accepts (``None`` is the plain network).
 ATTENTIONS = ("triple",)
+#: The three parts of triple attention; ``parts=`` keeps a subset (each one alone, for ablations).
+PARTS = ("channel", "element", "scale")
 
 
 class DenseLayer(nn.Module):
@@ -126,6 +128,10 @@ class DenseNet(nn.Module):
         scale_blocks: the dense blocks (1-based) whose outputs the scale-wise attention weighs;
             must end with the last block, whose entry is the channel-attended feature map.
         scale_reduction: r of the scale-wise attention's fuse layer (16).
+        parts: which of ``"channel"``, ``"element"``, ``"scale"`` to build (all three by default).
+            A part left out is skipped: no channel gate means ``X_CA = X``; no element-wise branch
+            means no auxiliary head (``auxiliary_loss_weight`` 0, ``return_aux`` refused); no
+            scale-wise attention means the classifier reads ``X_CA`` directly.
 
     Attributes:
         auxiliary_loss_weight (float): w above; 0.0 means there is no auxiliary head.
@@ -137,14 +143,14 @@ class DenseNet(nn.Module):
                  bn_size: int = 4, compression: float = 0.5, in_channels: int = 3,
                  aux_weight: float | None = None, hidden: int | None = None,
                  reduction: int | None = None, scale_blocks: Sequence[int] | None = None,
-                 scale_reduction: int | None = None):
+                 scale_reduction: int | None = None, parts: Sequence[str] | None = None):
         super().__init__()
         if attention is not None and (not isinstance(attention, str) or attention.lower() not in ATTENTIONS):
             raise ValueError(
                 f"DenseNet: unknown attention {attention!r}; expected None or one of {', '.join(ATTENTIONS)}"
             )
         self.attention = None if attention is None else attention.lower()
-        triple_options = {"aux_weight": aux_weight, "hidden": hidden, "reduction": reduction,
+        triple_options = {"aux_weight": aux_weight, "hidden": hidden, "reduction": reduction, "parts": parts,
                           "scale_blocks": scale_blocks, "scale_reduction": scale_reduction}
         given = sorted(k for k, v in triple_options.items() if v is not None)
         if self.attention is None and given:
@@ -173,8 +179,14 @@ class DenseNet(nn.Module):
             aux_weight = 1.0 if aux_weight is None else aux_weight
             if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float)) or not aux_weight > 0:
                 raise ValueError(f"DenseNet: expected aux_weight > 0 with triple attention, got {aux_weight!r}")
+            parts = PARTS if parts is None else parts
+            if (isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence) or not parts
+                    or not set(parts) <= set(PARTS) or len(set(parts)) != len(parts)):
+                raise ValueError(f"DenseNet: expected parts to be a non-empty selection of {PARTS}, got {parts!r}")
+        #: The parts of triple attention this network has (empty without attention).
+        self.parts = tuple(p for p in PARTS if p in parts) if self.attention == "triple" else ()
         #: Weight of the element-wise branch's loss in the training step; 0.0 means no auxiliary head.
-        self.auxiliary_loss_weight = float(aux_weight) if self.attention == "triple" else 0.0
+        self.auxiliary_loss_weight = float(aux_weight) if "element" in self.parts else 0.0
         self.scale_blocks = scale_blocks if self.attention == "triple" else ()
 
         self.in_channels = in_channels
@@ -203,14 +215,18 @@ class DenseNet(nn.Module):
         if self.attention == "triple":
             from ..modules.triple import ChannelWiseAttention, ElementWiseAttention, ScaleWiseAttention
 
-            self.channel_attention = ChannelWiseAttention(
-                channels, **({} if reduction is None else {"reduction": reduction}))
-            self.element_attention = ElementWiseAttention(
-                channels, num_classes, **({} if hidden is None else {"hidden": hidden}))
-            # The last block's entry is X_CA, the normalised and channel-attended map (num_features wide).
-            scale_in = tuple(block_channels[b - 1] for b in scale_blocks[:-1]) + (channels,)
-            self.scale_attention = ScaleWiseAttention(
-                channels, in_channels=scale_in, **({} if scale_reduction is None else {"reduction": scale_reduction}))
+            if "channel" in self.parts:
+                self.channel_attention = ChannelWiseAttention(
+                    channels, **({} if reduction is None else {"reduction": reduction}))
+            if "element" in self.parts:
+                self.element_attention = ElementWiseAttention(
+                    channels, num_classes, **({} if hidden is None else {"hidden": hidden}))
+            if "scale" in self.parts:
+                # The last block's entry is X_CA, the normalised and channel-attended map (num_features wide).
+                scale_in = tuple(block_channels[b - 1] for b in scale_blocks[:-1]) + (channels,)
+                self.scale_attention = ScaleWiseAttention(
+                    channels, in_channels=scale_in,
+                    **({} if scale_reduction is None else {"reduction": scale_reduction}))
         self.fc = nn.Linear(channels, num_classes)
         self._init_weights()
 
@@ -264,7 +280,8 @@ class DenseNet(nn.Module):
         * ``"scale"``: ``[B, S]``, the weights of the S = ``len(scale_blocks)`` depths (sum to 1).
 
         Both flags combine: ``(logits, aux_logits, attention)``. Only the triple-attention model
-        has them; asking the plain one raises ``ValueError``.
+        has them; asking the plain one raises ``ValueError``. With ``parts`` leaving some out, the
+        entries of the parts that are missing are ``None``.
         """
         if (return_aux or return_attention) and self.attention is None:
             raise ValueError(
@@ -274,12 +291,19 @@ class DenseNet(nn.Module):
         if self.attention is None:
             return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
 
-        attended, channel = self.channel_attention(features, return_attention=True)
-        if return_aux or return_attention:
+        if return_aux and "element" not in self.parts:
+            raise ValueError(f"DenseNet: return_aux expected the element-wise part, got parts={self.parts}")
+        attended, channel = features, None
+        if "channel" in self.parts:
+            attended, channel = self.channel_attention(features, return_attention=True)
+        element = {"element": None, "scores": None}
+        if (return_aux or return_attention) and "element" in self.parts:
             # A side branch: the logits do not depend on it, so inference without it skips it.
             aux_logits, element = self.element_attention(attended, return_attention=True)
-        scales = [block_outputs[b - 1] for b in self.scale_blocks[:-1]] + [attended]
-        fused, scale = self.scale_attention(scales, return_attention=True)
+        fused, scale = attended, None
+        if "scale" in self.parts:
+            scales = [block_outputs[b - 1] for b in self.scale_blocks[:-1]] + [attended]
+            fused, scale = self.scale_attention(scales, return_attention=True)
         logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(fused, 1), 1))
 
         out: tuple = (logits,)
@@ -291,16 +315,31 @@ class DenseNet(nn.Module):
         return out if len(out) > 1 else logits
 
 
-def densenet121(num_classes: int = 10, attention: str | None = None, growth_rate: int = 32,
-                block_config: Sequence[int] = (6, 12, 24, 16), num_init_features: int = 64,
+def densenet121(num_classes: int = 10, attention: str | None = None, growth_rate: int | None = None,
+                block_config: Sequence[int] = (6, 12, 24, 16), num_init_features: int | None = None,
                 bn_size: int = 4, compression: float = 0.5, aux_weight: float | None = None,
-                **kwargs) -> DenseNet:
+                width: int | None = None, **kwargs) -> DenseNet:
     """CIFAR DenseNet-121 (k = 32, blocks 6-12-24-16, θ = 0.5); ``attention=None | "triple"``.
 
     ``kwargs`` go to :class:`DenseNet` (``in_channels``, and for triple attention ``hidden``,
     ``reduction``, ``scale_blocks``, ``scale_reduction``). A smaller ``block_config`` or
     ``growth_rate`` gives a network of the same design that trains in seconds on a CPU.
+
+    ``width`` scales the network as ``width`` scales the course's ResNets, whose standard width
+    is 64: it sets the stem to ``width`` channels and the growth rate to ``width // 2`` (DenseNet-121
+    has 64 and 32, so ``width=64`` is the standard network). It cannot be combined with
+    ``growth_rate`` or ``num_init_features``.
     """
+    if width is not None:
+        if isinstance(width, bool) or not isinstance(width, int) or width < 2:
+            raise ValueError(f"densenet121: expected width to be an integer >= 2, got {width!r}")
+        if growth_rate is not None or num_init_features is not None:
+            raise ValueError("densenet121: give either width or growth_rate / num_init_features, not both "
+                             f"(got width={width}, growth_rate={growth_rate}, "
+                             f"num_init_features={num_init_features})")
+        growth_rate, num_init_features = width // 2, width
+    growth_rate = 32 if growth_rate is None else growth_rate
+    num_init_features = 64 if num_init_features is None else num_init_features
     return DenseNet(num_classes, attention, growth_rate=growth_rate, block_config=block_config,
                     num_init_features=num_init_features, bn_size=bn_size, compression=compression,
                     aux_weight=aux_weight, **kwargs)

@@ -85,12 +85,22 @@ class NonLocalBlock(nn.Module):
     Choices where the paper and the official code differ, or where the paper leaves it open:
 
     * ``scale``: the official Caffe2 code (facebookresearch/video-nonlocal-net,
-      ``USE_SCALE``) multiplies :math:`\theta^\top\phi` by :math:`1/\sqrt{d}` before the
-      softmax; the paper's equations do not. Default ``False`` (the paper). With ``True`` the
-      factor is :math:`1/\sqrt{\text{length of the dotted vectors}}`: ``inter_channels`` for
-      embedded and dot, ``channels`` for gaussian (whose θ, φ are the identity). timm's
-      ``NonLocalAttn`` scales by :math:`1/\sqrt{\text{channels}}` in all cases. Concat has no
-      :math:`\theta^\top\phi` product, so ``scale=True`` is refused there.
+      ``lib/models/nonlocal_helper.py``, ``USE_SCALE``) multiplies :math:`\theta^\top\phi`
+      by :math:`1/\sqrt{d}` *inside its softmax branch only* (``USE_SOFTMAX``, the embedded
+      gaussian); its dot-product branch divides by :math:`N'` and is never scaled. The
+      paper's equations scale nothing. Default ``False`` (the paper). ``scale=True`` is:
+
+      - ``embedded``: the official code's option, factor :math:`1/\sqrt{d}`
+        (``inter_channels``);
+      - ``gaussian``: this library's extension (the official code has no un-embedded
+        softmax form): the same temperature inside the softmax, :math:`1/\sqrt{C}`, the
+        length of the raw vectors that are dotted;
+      - ``dot`` and ``concat``: refused (``ValueError``). In the dot form a constant factor
+        only multiplies ``y``, which the learned :math:`W_z` (and its batch norm) absorbs: it
+        changes nothing the block can represent, and it is not what the official code does.
+        Concat has no :math:`\theta^\top\phi` product at all.
+
+      timm's ``NonLocalAttn`` (embedded only) scales by :math:`1/\sqrt{\text{channels}}`.
     * Sub-sampling order: the paper's text adds "a max pooling layer after φ and g", and so does
       this module by default (``pool_input=False``: ``φ = pool(W_φ x)``, ``g = pool(W_g x)``).
       The official code pools ``x`` first and applies the 1x1 convolutions to the pooled map,
@@ -121,7 +131,9 @@ class NonLocalBlock(nn.Module):
             for 3D; odd sizes are floored), so that N' is about N/2, N/4, N/4.
         bn_layer: batch norm after W_z (the paper's default for its ResNet experiments).
         inter_channels: ``d``, the width of θ, φ and g; ``channels // 2`` by default.
-        scale: multiply θᵀφ by 1/sqrt(length of the dotted vectors) (official code; see above).
+        scale: multiply θᵀφ by 1/sqrt(length of the dotted vectors) before the softmax
+            (official code for embedded, this library's extension for gaussian; refused for
+            dot and concat, see above).
         implementation: ``"auto"``, ``"explicit"`` or ``"fused"`` (see above).
         pool_input: with ``sub_sample``, pool ``x`` before the φ and g convolutions (official
             code) instead of pooling their outputs (paper's text, default).
@@ -178,6 +190,12 @@ class NonLocalBlock(nn.Module):
             raise ValueError(
                 f"{name}: expected scale=False for mode 'concat' (it has no θᵀφ product to "
                 f"scale), got True"
+            )
+        if mode == "dot" and scale:
+            raise ValueError(
+                f"{name}: expected scale=False for mode 'dot': the official code scales θᵀφ "
+                f"only before its softmax (embedded gaussian), and in the dot form a constant "
+                f"factor only rescales y, which W_z absorbs; got True"
             )
         if inter_channels is None:
             inter_channels = reduced_channels(channels, 2, name)
@@ -248,10 +266,10 @@ class NonLocalBlock(nn.Module):
             key_term = F.linear(phi, self.w_f.weight[:, d:])  # [B, N', 1]
             return F.relu(query_term + key_term.transpose(1, 2)) / n_keys
         logits = theta @ phi.transpose(1, 2)
+        if self.mode == "dot":
+            return logits / n_keys  # C(x) = N'; never scaled (refused in __init__)
         if self.scale:
             logits = logits * self.scale_factor
-        if self.mode == "dot":
-            return logits / n_keys
         # Softmax statistics (max, sum of exponentials) in at least float32, also under bf16
         # autocast; float64 stays float64.
         return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
@@ -261,7 +279,7 @@ class NonLocalBlock(nn.Module):
         if self.mode == "dot":
             # Re-associated: θ (φᵀ g) costs O(N d²) instead of O(N N' d) and builds no N x N'.
             context = phi.transpose(1, 2) @ g  # [B, d, d]
-            return (theta @ context) * (self.scale_factor / phi.shape[1])
+            return (theta @ context) / phi.shape[1]
         y = F.scaled_dot_product_attention(
             theta.unsqueeze(1), phi.unsqueeze(1), g.unsqueeze(1), scale=self.scale_factor
         )

@@ -69,9 +69,13 @@ class SelectiveKernel(nn.Module):
 
     Choices where the paper leaves something open:
 
-    * Biases: none in the branch convolutions, in ``W`` or in ``A`` (each is followed by a BN,
-      or, for ``A``, by a softmax that a per-channel bias shared by all inputs would only
-      shift). The paper's equations have none; neither has the authors' Caffe SKNet-50.
+    * Biases: none in the branch convolutions or in ``W`` (each is followed by a BN, whose
+      mean subtraction cancels a bias), and none in ``A``. A bias on ``A`` would *not* be
+      cancelled: it has one value per branch and channel, ``b_{m,c}``, and a softmax over the
+      branches is unchanged only by a shift that is the same for every branch. A bias that
+      differs between branches is a learned, input-independent preference for one branch
+      (:math:`a_{m,c} \propto e^{b_{m,c}} e^{A_{m,c} z}`), so it changes the unit. Having none
+      follows the paper's equations and the authors' Caffe SKNet-50, which has none.
     * Initialisation: ``W`` and ``A`` are drawn from N(0, 0.01^2) as in the authors' SKNet-50
       (:data:`OFFICIAL_FC_INIT_STD`), so the selection starts almost uniform (``a ≈ 1/M``). The
       branch convolutions keep PyTorch's default, like the rest of the backbone.

@@ -38,7 +38,7 @@ can be read.
    the two readings of "A applied to X_CA" coincide: pooling the features with A_k and
    classifying, ``w_k . (sum_ij A_k(ij) X_CA(ij)) + b_k``, equals pooling the scores,
    ``sum_ij A_k(ij) S_k(ij)``, because the classifier is linear and ``sum_ij A_k(ij) = 1`` lets
-   the bias through unchanged. A softmax over the K classes at every pixel (the seed question's
+   the bias through unchanged. A softmax over the K classes at every pixel (the Q&A's
    Keras layer does that: ``activation=softmax`` normalises the last, channel, axis) makes the
    classes compete for each pixel, forces every background pixel to give all its mass to some
    class, and makes the summed score grow with the image size.
@@ -76,7 +76,7 @@ second classifier head on the same features, whose output gets its own loss::
     aux = element(x_ca)                         # the pooled score vector, [B, K]
     loss = F.cross_entropy(logits, y) + w * F.cross_entropy(aux, y)
 
-The seed attempt differs from this in ways worth naming: it applies the channel gate to the
+The Q&A's attempt differs from this in ways worth naming: it applies the channel gate to the
 attention estimator's output instead of estimating the attention from X_CA; it normalises over
 the classes at each pixel; it passes the score maps through a sigmoid gate; it drops the 3x3
 layer of f_att; and it feeds the product to a global max pool and the main classifier, so the
