@@ -414,3 +414,178 @@ def wrap_command(command: str, width: int = 88, indent: str = "    ") -> str:
 
 __all__ += ["check_shipped_weights", "count_parameters", "final_values", "model_cost",
             "paired_seed_difference", "seed_summary", "step_time_ratios", "wrap_command"]
+
+
+# ----------------------------------------------------------------------------- predictions, paired tests
+# Per-image predictions of a trained network, the paired statistics that compare two networks
+# (from scipy.stats, never a hand-written formula), recorded benchmarks side by side, wrapped
+# printing. Used by the SK and CBAM chapters.
+
+def count_macs(model: torch.nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32)) -> float:
+    """Multiply-adds of one forward pass of an input of ``input_shape``.
+
+    Counted by ``torch.utils.flop_counter`` (convolutions, matrix products and attention only;
+    pooling, activations and element-wise products are not counted), on the device of the
+    model's parameters, so a model built on the ``meta`` device costs no memory or arithmetic.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if len(input_shape) < 2 or any(int(s) < 1 for s in input_shape):
+        raise ValueError(f"expected an input shape such as (1, 3, 32, 32), got {tuple(input_shape)}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(tuple(input_shape), device=device))
+    return counter.get_total_flops() / 2
+
+
+def step_seconds(model: torch.nn.Module, batch: int = 16, steps: int = 2, image_size: int = 32,
+                 num_classes: int = 10, seed: int = 0) -> float:
+    """Median seconds of one SGD training step (forward, backward, update) on random images.
+
+    One untimed step warms up first. A figure of this machine at this moment: print it with the
+    conditions, tag its cell ``nbval-ignore-output``, and prefer the recorded benchmarks.
+    """
+    import time
+
+    import torch.nn.functional as F
+
+    if batch < 1 or steps < 1:
+        raise ValueError(f"expected batch >= 1 and steps >= 1, got batch={batch}, steps={steps}")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    y = torch.randint(0, num_classes, (batch,), generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    timings = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        timings.append(time.perf_counter() - t0)
+    return float(torch.tensor(timings[1:]).median())
+
+
+def normalised_images(data: ArrayDataset, indices: Sequence[int] | slice | None = None) -> torch.Tensor:
+    """``data``'s images as the network's input: ``[N, 3, H, W]`` floats, minus mean, over std."""
+    x = data.x if indices is None else data.x[indices]
+    images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data.std).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def predict(model: torch.nn.Module, data: ArrayDataset, batch_size: int = 250, tta: bool = True):
+    """Predicted class of every image of ``data`` (numpy ``[N]``), in eval mode.
+
+    ``tta=True`` averages the logits of the image and of its horizontal mirror, as the trainer's
+    evaluation does (``TrainConfig.tta``), so that the accuracy equals the recorded one.
+    """
+    import numpy as np
+
+    if batch_size < 1:
+        raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(data), batch_size):
+            x = normalised_images(data, slice(start, start + batch_size))
+            x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x).float()
+            if tta:
+                logits = 0.5 * (logits + model(torch.flip(x, dims=[3])).float())
+            out.append(logits.argmax(1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def paired_comparison(labels, predicted_a, predicted_b) -> dict:
+    """Compare two classifiers scored on the same images, image by image.
+
+    Returns the accuracies (%), the difference ``b - a`` in points, the discordant counts
+    (``only_a``: images only ``a`` gets right; ``only_b``: only ``b``), the exact McNemar test
+    (``scipy.stats.binomtest`` of ``only_b`` out of the discordant images, p = 1/2, two-sided)
+    and the paired standard error of the difference (``scipy.stats.sem`` of the per-image
+    differences of correctness, in points).
+    """
+    import numpy as np
+    from scipy import stats
+
+    labels, a, b = (np.asarray(v).ravel() for v in (labels, predicted_a, predicted_b))
+    if not len(labels) == len(a) == len(b) or len(labels) < 2:
+        raise ValueError(f"expected labels and both predictions for the same >= 2 images, got "
+                         f"{len(labels)}, {len(a)} and {len(b)}")
+    right_a, right_b = (a == labels).astype(float), (b == labels).astype(float)
+    only_a = int(((right_a == 1) & (right_b == 0)).sum())
+    only_b = int(((right_a == 0) & (right_b == 1)).sum())
+    discordant = only_a + only_b
+    p = stats.binomtest(only_b, discordant, 0.5).pvalue if discordant else 1.0
+    return {"n": len(labels), "acc_a": 100 * right_a.mean(), "acc_b": 100 * right_b.mean(),
+            "difference": 100 * (right_b.mean() - right_a.mean()), "only_a": only_a, "only_b": only_b,
+            "mcnemar_p": float(p), "paired_se": float(100 * stats.sem(right_b - right_a))}
+
+
+def seed_difference(runs: dict[str, dict[int, dict]], a: str, b: str, metric: str = "val_top1") -> dict:
+    """``b - a`` seed by seed (the seeds both have), its mean, and a paired t-test over seeds
+    (``scipy.stats.ttest_rel``; ``p`` is None with fewer than two seeds)."""
+    from scipy import stats
+
+    common = sorted(set(runs[a]) & set(runs[b]))
+    if not common:
+        raise ValueError(f"{a!r} and {b!r} share no seed: {sorted(runs[a])} vs {sorted(runs[b])}")
+    va = [runs[a][s]["epochs"][-1][metric] for s in common]
+    vb = [runs[b][s]["epochs"][-1][metric] for s in common]
+    diffs = {s: y - x for s, x, y in zip(common, va, vb)}
+    p = float(stats.ttest_rel(vb, va).pvalue) if len(common) > 1 else None
+    return {"per_seed": diffs, "mean": sum(diffs.values()) / len(diffs), "p": p, "seeds": common}
+
+
+def benchmark_rows(attentions: Sequence[str], names: Sequence[str] = ("bench-modules-cpu",
+                                                                     "bench-modules-gpu")) -> list[dict]:
+    """The recorded module benchmarks' rows for ``attentions``, each with its file's device,
+    batch, precision and commit (``-dirty`` kept): one list for CPU and GPU side by side."""
+    if isinstance(attentions, str):
+        raise TypeError(f"expected a list of attention names, got the string {attentions!r}")
+    rows = []
+    for name in names:
+        bench = results.load(name)
+        by_name = {r["attention"]: r for r in bench["rows"] if r.get("kind") == "mechanism"}
+        missing = [a for a in attentions if a not in by_name]
+        if missing:
+            raise ValueError(f"{name} has no row for {missing}; it has {', '.join(by_name)}")
+        for attention in attentions:
+            r = by_name[attention]
+            rows.append({"attention": attention, "device": bench["device_name"], "batch": r["batch"],
+                         "dtype": r["dtype"], "commit": results.commit_label(bench),
+                         "command": bench["command"], "params_added_pct": r["params_added_pct"],
+                         "flops_added_pct": r["flops_added_pct"],
+                         "step_time_ratio": r["step_time_ratio"],
+                         "peak_memory_ratio": r.get("peak_memory_ratio")})
+    return rows
+
+
+def print_wrapped(obj, width: int = 88, indent: int = 4):
+    """Print ``str(obj)`` with every line longer than ``width`` wrapped, the continuation lines
+    indented by ``indent`` spaces more than the line they continue (a checker's report, a long
+    error message): the book's pages then never scroll sideways. Returns ``obj``, so that a
+    check cell can end with ``print_wrapped(report);`` and still hand the report to the grader
+    (the semicolon keeps Jupyter from displaying it a second time)."""
+    import textwrap
+
+    if width < 20:
+        raise ValueError(f"expected a width of at least 20 columns, got {width}")
+    out = []
+    for line in str(obj).splitlines() or [""]:
+        lead = " " * (len(line) - len(line.lstrip(" ")) + indent)
+        out.extend(textwrap.wrap(line, width=width, subsequent_indent=lead, break_long_words=True,
+                                 break_on_hyphens=False, drop_whitespace=True) or [""])
+    print("\n".join(out))
+    return obj
+
+
+__all__ += ["benchmark_rows", "count_macs", "normalised_images", "paired_comparison", "predict",
+            "print_wrapped", "seed_difference", "step_seconds"]

@@ -111,3 +111,34 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, target: torch.
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     return cam / peak
+
+
+def shared_layout(maps: torch.Tensor) -> dict:
+    """How much of a set of per-image maps ``[N, h, w]`` is one layout shared by all images.
+
+    Returns ``mean_map`` (``[h, w]``, the average over images), ``rho`` (numpy ``[N]``: for each
+    image, Spearman's rank correlation, from ``scipy.stats.spearmanr``, between its map and the
+    mean of the *other* images' maps; NaN for a constant map), and ``variance_explained``: the
+    share of the maps' total variance (around their grand mean) that the mean map accounts for,
+    ``1 - sum (m_i - mean_map)^2 / sum (m_i - grand mean)^2``.
+    """
+    import numpy as np
+    from scipy import stats
+
+    if not torch.is_tensor(maps) or maps.dim() != 3 or maps.shape[0] < 2:
+        raise ValueError(f"expected maps [N, h, w] with N >= 2, got "
+                         f"{list(maps.shape) if torch.is_tensor(maps) else type(maps).__name__}")
+    m = maps.detach().double().flatten(1).cpu().numpy()
+    total = m.sum(0)
+    rho = np.full(len(m), np.nan)
+    for i, row in enumerate(m):
+        others = (total - row) / (len(m) - 1)
+        if np.ptp(row) > 0 and np.ptp(others) > 0:
+            rho[i] = stats.spearmanr(row, others).statistic
+    mean_map = m.mean(0)
+    explained = 1 - ((m - mean_map) ** 2).sum() / ((m - m.mean()) ** 2).sum()
+    return {"mean_map": torch.from_numpy(mean_map.reshape(maps.shape[1:])), "rho": rho,
+            "variance_explained": float(explained)}
+
+
+__all__ += ["shared_layout"]

@@ -208,3 +208,144 @@ def draw_gate_placement(gate: str = "SE", axes=None):
 
 
 __all__ += ["plot_seed_curves", "draw_se_block", "draw_gate_placement"]
+
+
+# ----------------------------------------------------------------------------- SK and CBAM chapters
+def plot_seed_spread(runs: Mapping[str, Mapping[int, dict]], metric: str = "val_top1", ax=None,
+                     first_epoch: int = 1):
+    """Per-epoch ``metric`` of several seeds per run: the mean as a line, the range over seeds
+    (min to max) as a band, each seed as a thin line. ``runs`` is ``{name: {seed: history}}``."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.5))
+    for name, seeds in runs.items():
+        curves = [{e["epoch"]: e[metric] for e in h["epochs"] if metric in e} for h in seeds.values()]
+        epochs = sorted(set.intersection(*(set(c) for c in curves)))
+        epochs = [e for e in epochs if e >= first_epoch]
+        if not epochs:
+            raise ValueError(f"no epoch >= {first_epoch} with {metric!r} in every run of {name!r}")
+        values = np.array([[c[e] for e in epochs] for c in curves])
+        line, = ax.plot(epochs, values.mean(0), marker="o", ms=3,
+                        label=f"{name} (mean of {len(curves)} seed{'s' * (len(curves) > 1)})")
+        if len(curves) > 1:
+            ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.2,
+                            lw=0)
+            for v in values:
+                ax.plot(epochs, v, color=line.get_color(), lw=0.6, alpha=0.5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def _diagram(ax):
+    """``box(x, y, text, ...)`` and ``arrow(x0, y0, x1, y1, text=None)`` drawing on ``ax``."""
+    from matplotlib.patches import FancyBboxPatch
+
+    def box(x, y, text, w=1.25, h=0.55, colour="white", size=8.5):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.03",
+                                    fc=colour, ec="0.3", lw=1))
+        ax.text(x, y, text, ha="center", va="center", fontsize=size)
+
+    def arrow(x0, y0, x1, y1, text=None, colour="0.25", style=None):
+        props = dict(arrowstyle="->", color=colour, lw=1.1)
+        if style:
+            props["connectionstyle"] = style
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops=props)
+        if text:
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, text, ha="center", fontsize=8, color="0.15")
+
+    return box, arrow
+
+
+def draw_sk_unit():
+    """The Selective Kernel unit (Li et al., CVPR 2019) as boxes and arrows: split into two
+    3x3 branches (dilation 1 and 2), fuse (sum, pool, squeeze to ``z``), select (a softmax over
+    the branches for every channel) and sum. Returns the figure."""
+    from matplotlib.patches import FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 4.2)
+    ax.axis("off")
+    for name, x0, width, colour in [("Split", 0.85, 3.0, "#dbe9f6"), ("Fuse", 3.95, 3.25, "#fde9d9"),
+                                    ("Select", 7.3, 3.55, "#e2f0d9")]:
+        ax.add_patch(FancyBboxPatch((x0, 0.15), width, 3.8, boxstyle="round,pad=0.02", fc=colour,
+                                    ec="none"))
+        ax.text(x0 + width / 2, 3.75, name, ha="center", fontsize=12, weight="bold")
+    box, arrow = _diagram(ax)
+    box(0.45, 2.0, "X", w=0.5)
+    box(2.35, 2.85, "3×3, dil. 1\nBN, ReLU", w=1.5, h=0.7)
+    box(2.35, 1.15, "3×3, dil. 2\nBN, ReLU", w=1.5, h=0.7)
+    arrow(0.7, 2.1, 1.6, 2.8)
+    arrow(0.7, 1.9, 1.6, 1.2)
+    box(4.4, 2.0, "+", w=0.45)
+    arrow(3.1, 2.85, 4.17, 2.1, "$U_1$")
+    arrow(3.1, 1.15, 4.17, 1.9, "$U_2$")
+    box(5.4, 2.0, "GAP", w=0.7)
+    arrow(4.62, 2.0, 5.05, 2.0, "$U$")
+    box(6.55, 2.0, "W, BN, ReLU\n$C \\to d$", w=1.2, h=0.7)
+    arrow(5.75, 2.0, 5.95, 2.0, "$s$")
+    box(8.0, 2.0, "$A_1 z,\\ A_2 z$\nsoftmax over\nbranches", w=1.15, h=0.95)
+    arrow(7.15, 2.0, 7.42, 2.0, "$z$")
+    box(9.35, 2.85, "$a_1 \\odot U_1$", w=1.0)
+    box(9.35, 1.15, "$a_2 \\odot U_2$", w=1.0)
+    arrow(8.55, 2.2, 8.85, 2.75)
+    arrow(8.55, 1.8, 8.85, 1.25)
+    box(10.45, 2.0, "+  →  V", w=0.8)
+    arrow(9.85, 2.85, 10.2, 2.15)
+    arrow(9.85, 1.15, 10.2, 1.85)
+    ax.text(5.5, 0.35, "$a_{1,c} + a_{2,c} = 1$ for every channel $c$: each channel chooses its "
+            "receptive field", ha="center", fontsize=9, style="italic")
+    fig.tight_layout()
+    return fig
+
+
+def draw_cbam():
+    """CBAM (Woo et al., ECCV 2018) as boxes and arrows: the channel gate on top (average- and
+    max-pooled descriptors, one shared MLP, sigmoid), the spatial gate below (mean and max over
+    the channels, a 7x7 convolution, sigmoid), each multiplying its input. Returns the figure."""
+    fig, ax = plt.subplots(figsize=(12, 4.4))
+    ax.set_xlim(0, 12.4)
+    ax.set_ylim(-0.15, 5.75)
+    ax.axis("off")
+    box, arrow = _diagram(ax)
+    grey, blue, orange, green = "#f3f3f3", "#e8eef7", "#fde9c9", "#d9f0d9"
+    for y, title in ((5.5, "channel gate: what"), (2.45, "spatial gate: where")):
+        ax.text(0.1, y, title, fontsize=10, weight="bold")
+    box(0.8, 3.8, "F\nC×H×W", h=0.62, colour=grey)
+    box(2.6, 4.4, "AvgPool over H,W\nC", w=1.6, h=0.62, colour=blue)
+    box(2.6, 3.2, "MaxPool over H,W\nC", w=1.6, h=0.62, colour=blue)
+    box(4.8, 3.8, "shared MLP\nC → C/r → C", w=1.6, h=1.5, colour=orange)
+    box(8.8, 3.8, "$M_c$\nC×1×1", h=0.62, colour=green)
+    box(11.4, 3.8, "$F' = M_c \\otimes F$\nC×H×W", w=1.6, h=0.62, colour=grey)
+    for y in (4.4, 3.2):
+        arrow(1.45, 3.8, 1.8, y)
+        arrow(3.4, y, 4.0, y)
+        arrow(5.6, y, 6.35, 3.8)
+    box(0.8, 1.1, "F'\nC×H×W", h=0.62, colour=grey)
+    box(2.6, 1.7, "mean over C\n1×H×W", w=1.6, h=0.62, colour=blue)
+    box(2.6, 0.5, "max over C\n1×H×W", w=1.6, h=0.62, colour=blue)
+    box(4.8, 1.1, "concat\n2×H×W", w=1.3, h=0.62, colour=blue)
+    box(6.4, 1.1, "conv 7×7\n2 → 1", w=1.3, h=0.62, colour=orange)
+    box(8.8, 1.1, "$M_s$\n1×H×W", h=0.62, colour=green)
+    box(11.4, 1.1, "$F'' = M_s \\otimes F'$\nC×H×W", w=1.6, h=0.62, colour=grey)
+    for y in (1.7, 0.5):
+        arrow(1.45, 1.1, 1.8, y)
+        arrow(3.4, y, 4.15, 1.1)
+    for y, plus in ((3.8, True), (1.1, False)):
+        if plus:
+            box(6.6, y, "+", w=0.5, h=0.62, colour=blue)
+        box(7.6, y, "σ", w=0.5, h=0.62, colour=blue)
+        box(10.1, y, "⊗", w=0.5, h=0.62, colour=blue)
+        steps = ((6.85, 7.35), (7.85, 8.15), (9.45, 9.85), (10.35, 10.6)) if plus else \
+            ((5.45, 5.75), (7.05, 7.35), (7.85, 8.15), (9.45, 9.85), (10.35, 10.6))
+        for x0, x1 in steps:
+            arrow(x0, y, x1, y)
+    arrow(0.8, 4.11, 10.1, 4.05, colour="0.6", style="bar,fraction=-0.07")
+    arrow(0.8, 0.79, 10.1, 0.85, colour="0.6", style="bar,fraction=0.07")
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["draw_cbam", "draw_sk_unit", "plot_seed_spread"]

@@ -16,7 +16,8 @@ def make_spatial_gate(mistake: str = ""):
     class StudentSpatialGate(nn.Module):
         def __init__(self, kernel_size: int = 7):
             super().__init__()
-            self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=mistake != "no bias")
+            padding = {"no padding": 0, "padding 1": 1}.get(mistake, kernel_size // 2)
+            self.conv = nn.Conv2d(2, 1, kernel_size, padding=padding, bias=mistake != "no bias")
 
         def forward(self, x):
             if mistake == "wrong dim":  # NHWC habit: "channels are the last axis"
@@ -51,6 +52,8 @@ def test_spatial_checker_passes_correct_gates(mistake):
     ("wrong dim", "pool over the channel axis"),
     ("batch", "never over the batch"),
     ("gated map", "not M_s * x"),
+    ("no padding", "give it padding=3"),
+    ("padding 1", "pad the convolution by 3"),
 ])
 def test_spatial_checker_names_the_mistake(mistake, expected):
     report = check_spatial_gate(make_spatial_gate(mistake))
@@ -193,3 +196,8 @@ def test_cbam_checker_never_raises_on_a_stub():
     report = check_cbam(Stub)
     assert not report.passed
     assert "expected the shared MLP's two layers" in str(report)
+
+
+def test_spatial_checker_does_not_blame_the_pooling_for_a_missing_padding():
+    report = check_spatial_gate(make_spatial_gate("no padding"))
+    assert "pool over the channel axis" not in " ".join(failed(report).values()), str(report)

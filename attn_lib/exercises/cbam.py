@@ -219,8 +219,16 @@ def check_spatial_gate(cls: Callable[..., nn.Module], kernel_size: int = 7) -> R
         try:
             return shape()
         except RuntimeError as err:
+            first = str(err).splitlines()[0]
+            conv = got.get("conv")
+            padding = None if conv is None else conv.padding  # a tuple, or "same" / "valid"
+            if conv is not None and padding not in ((kernel_size // 2,) * 2, "same"):
+                raise AssertionError(
+                    f"forward fails on x of shape {list(x.shape)} ({first}): the convolution has "
+                    f"padding={padding}, which shrinks H x W by {kernel_size - 1}; give it "
+                    f"padding={kernel_size // 2} so that M_s keeps the input's H x W") from None
             raise AssertionError(
-                f"forward fails on x of shape {list(x.shape)} ({str(err).splitlines()[0]}): pool over "
+                f"forward fails on x of shape {list(x.shape)} ({first}): pool over "
                 "the channel axis (dim 1, keepdim=True) to get two [B, 1, H, W] maps, and stack "
                 "them along dim 1") from None
 
