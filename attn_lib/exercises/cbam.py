@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.cbam import CBAM
+from .report import validate_checkers
 from .report import Report, call_module, compare
 from .se import fully_connected_layers
 
@@ -459,3 +460,6 @@ def check_cbam(cls: Callable[..., nn.Module], official: bool = False, channels: 
         student.train()
         report.run("gradients reach every parameter", lambda: _gradients_reach(student, x))
     return report
+
+
+validate_checkers(globals())

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.sk import SelectiveKernel
+from .report import validate_checkers
 from .report import Report, compare
 
 __all__ = ["reference_select", "check_select", "check_selective_kernel"]
@@ -394,3 +395,6 @@ def check_selective_kernel(cls: Callable[..., nn.Module], channels: int = 24, br
 
     report.run("gradients reach every parameter", gradients)
     return report
+
+
+validate_checkers(globals())
