@@ -99,3 +99,14 @@ def test_grading_full_marks_zero_marks_one_wrong_answer_and_broken_notebooks(tmp
     assert by("dave") and by("bob")[0]["message"].startswith(str(subs / "bob.ipynb"))
     report = out.with_suffix(".md").read_text()
     assert f"{len(CHAPTERS) * 2 + 4} notebooks graded, 6 students" in report
+
+
+def test_teachers_page_times_are_the_recorded_ones():
+    from attn_lib import results
+    from attn_lib.chapters import times_table
+
+    record = results.load("chapters-cpu")
+    assert [row["chapter"] for row in record["rows"]] == [p.stem for p in CHAPTERS]
+    assert record["git_commit"] and not record["git_commit"].endswith("-dirty")
+    assert (REPO / "book" / "teaching-times.md").read_text() == times_table(record)
+    assert "{include} teaching-times.md" in (REPO / "book" / "teaching.md").read_text()
