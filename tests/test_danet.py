@@ -243,7 +243,7 @@ def test_official_cam_is_softmax_of_minus_energy_and_differs_from_paper():
 
 
 def test_seed_cam_pitfall_is_not_the_default():
-    """The seed text (and the official code) compute softmax(rowmax - energy); ours defaults to the
+    """A widely reposted Zhihu post's code (and the official code) compute softmax(rowmax - energy); ours defaults to the
     paper's softmax(energy)."""
     module = set_scales(ChannelAttention(8)).double()
     x = feature_map(1, 8, 2, 2, seed=5)

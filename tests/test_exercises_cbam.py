@@ -88,7 +88,7 @@ def test_spatial_checker_wants_one_two_to_one_convolution():
 # ----------------------------------------------------------------------------- whole CBAM blocks
 def make_cbam(mistake: str = "", official: bool = False, conv_mlp: bool = False):
     """A from-scratch CBAM, correct unless ``mistake`` names a bug; ``conv_mlp`` builds the MLP
-    from 1x1 convolutions without biases (the seed code's layout) instead of nn.Linear."""
+    from 1x1 convolutions without biases (the layout of much circulating code) instead of nn.Linear."""
 
     class StudentCBAM(nn.Module):
         def __init__(self, channels: int, reduction: int = 16):

@@ -2,7 +2,7 @@
 
 The reference below is written from the paper's equations with explicit loops over the query
 position i and the key position j, in float64, using the module's own weights. The seed pitfalls
-(seed 003's simple ``NonLocalBlock``) are re-stated in a few lines and shown to fail where ours
+(the simple ``NonLocalBlock`` of a widely reposted Zhihu post) are re-stated in a few lines and shown to fail where ours
 does not.
 """
 from __future__ import annotations
@@ -427,11 +427,11 @@ def test_forward_rejects_integer_input():
 
 
 # --------------------------------------------------------------------------------------------
-# The seed's simple NonLocalBlock (seed 003), re-stated
+# The Zhihu post's simple NonLocalBlock, re-stated
 # --------------------------------------------------------------------------------------------
 
 class SeedStyleNonLocal(nn.Module):
-    """What seed 003's simple block does, in our words: θ, φ, g are 1x1 convolutions to C/2
+    """What the Zhihu post's simple block does, in our words: θ, φ, g are 1x1 convolutions to C/2
     channels, but their outputs are reshaped as ``view(b, c, -1)`` with the *input's* C, the
     softmax runs over dim 1 (the query axis), and the output convolution keeps PyTorch's default
     (non-zero) initialisation."""

@@ -1,5 +1,5 @@
 """Tests of the Selective Kernel convolution (Li et al., CVPR 2019): the equations, the softmax
-axis, the argument checks, the cost, and the pitfalls of the seed code."""
+axis, the argument checks, the cost, and the pitfalls of circulating code."""
 from __future__ import annotations
 
 import pytest

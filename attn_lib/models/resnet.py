@@ -9,8 +9,8 @@ Attention plugs in by name (:func:`attn_lib.create_attention`), each mechanism w
 puts it (the placement is recorded once, in :mod:`attn_lib.registry`):
 
 * ``"gate"`` (SE, ECA, CBAM): inside every block, on the residual branch *before* the addition,
-  ``out = relu(shortcut(x) + gate(branch(x)))``. Gating after the addition (as in the seed
-  training script's placeholder) would also scale the identity path, which is what residual
+  ``out = relu(shortcut(x) + gate(branch(x)))``. Gating after the addition (as in the placeholder of
+  a widely reposted training script) would also scale the identity path, which is what residual
   learning keeps clean.
 * ``"conv"`` (SK): the selective-kernel unit *replaces* the block's second 3x3 convolution; SKNet
   uses it as a convolution, not as a gate added after one. A plain ResNet's convolutions are

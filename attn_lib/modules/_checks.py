@@ -31,7 +31,7 @@ def check_positive(value: int, what: str, name: str) -> int:
 def reduced_channels(channels: int, reduction: float, name: str) -> int:
     """Hidden width ``int(channels // reduction)`` of a bottleneck.
 
-    ``ValueError`` when it would be zero (the seed code's silent bug: ``C // 16 == 0`` for
+    ``ValueError`` when it would be zero (the silent bug of much circulating code: ``C // 16 == 0`` for
     ``C < 16`` builds an empty layer whose output is a constant), naming the largest reduction
     that works, and for a non-positive ``channels`` or ``reduction``."""
     check_positive(channels, "channels", name)

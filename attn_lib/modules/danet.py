@@ -213,7 +213,7 @@ class ChannelAttention(nn.Module):
     ``cam`` chooses the softmax:
 
     * ``"paper"`` (default): ``softmax(A A^T)``, Eq. (3): similar channels attend to each other.
-    * ``"official"``: the official code (and most ports, including the course's seed text) computes
+    * ``"official"``: the official code (and most ports, including a widely reposted Zhihu post's) computes
       ``softmax(max_j(energy) - energy)``. Softmax ignores a constant added to a row, so this *is*
       ``softmax(-energy)``: each channel attends most to the channels *least* similar to it. It is
       not a numerical-stability trick (that would be ``energy - max``, which ``torch.softmax``
