@@ -227,9 +227,8 @@ def test_search_finds_each_chapter(site, browser):
         for chapter in chapters:
             term = title_word(chapter, html)
             p = page.open(f"search.html?q={term}")
-            p.wait_for_function(
-                "() => document.querySelector('#search-results ul.search li')"
-                " || /did not match|no documents/i.test("
+            p.wait_for_function(  # the search has finished (it also fetched each result page)
+                "() => /search finished|did not match|no documents/i.test("
                 "(document.querySelector('#search-results') || {}).textContent || '')",
                 timeout=30000)
             hrefs = p.eval_on_selector_all("#search-results ul.search li a",
