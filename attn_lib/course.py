@@ -221,17 +221,10 @@ def model_cost(model: torch.nn.Module, image_size: int = 32, in_channels: int = 
     ``macs == flops // 2``. Runs on the model's own device: a model built on the ``meta`` device
     (shapes, no storage) is counted instantly. The model is put in eval mode.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"expected a positive image size in pixels, got {image_size!r}")
     model.eval()
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    x = torch.zeros(1, in_channels, image_size, image_size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    flops = int(counter.get_total_flops())
+    flops = round(2 * count_macs(model, (1, in_channels, image_size, image_size)))
     return {"parameters": count_parameters(model), "flops": flops, "macs": flops // 2}
 
 
@@ -531,17 +524,11 @@ def paired_comparison(labels, predicted_a, predicted_b) -> dict:
 
 def seed_difference(runs: dict[str, dict[int, dict]], a: str, b: str, metric: str = "val_top1") -> dict:
     """``b - a`` seed by seed (the seeds both have), its mean, and a paired t-test over seeds
-    (``scipy.stats.ttest_rel``; ``p`` is None with fewer than two seeds)."""
-    from scipy import stats
-
-    common = sorted(set(runs[a]) & set(runs[b]))
-    if not common:
-        raise ValueError(f"{a!r} and {b!r} share no seed: {sorted(runs[a])} vs {sorted(runs[b])}")
-    va = [runs[a][s]["epochs"][-1][metric] for s in common]
-    vb = [runs[b][s]["epochs"][-1][metric] for s in common]
-    diffs = {s: y - x for s, x, y in zip(common, va, vb)}
-    p = float(stats.ttest_rel(vb, va).pvalue) if len(common) > 1 else None
-    return {"per_seed": diffs, "mean": sum(diffs.values()) / len(diffs), "p": p, "seeds": common}
+    (``scipy.stats.ttest_rel``; ``p`` is None with fewer than two seeds): the figures of
+    :func:`paired_seed_difference`, keyed as the SK and CBAM chapters read them."""
+    paired = paired_seed_difference(runs, b, a, metric)
+    return {"per_seed": dict(zip(paired["seeds"], paired["differences"])), "mean": paired["mean"],
+            "p": paired["p_value"] if len(paired["seeds"]) > 1 else None, "seeds": paired["seeds"]}
 
 
 def benchmark_rows(attentions: Sequence[str], names: Sequence[str] = ("bench-modules-cpu",
