@@ -54,6 +54,7 @@ These are benchmarks, not tests: timings depend on the machine and its load.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -503,6 +504,30 @@ def densenet_rows(device: torch.device, *, batch: int, steps: int, warmup: int, 
     return rows
 
 
+def _merge_settings(defaults: dict, overrides: dict, steps: int | None = None) -> dict:
+    """``defaults`` with the given ``overrides`` (``None`` keeps a default); unknown names refused."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {sorted(defaults)}")
+    merged = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    if steps is not None:
+        merged["steps"] = steps
+    return merged
+
+
+@contextlib.contextmanager
+def _threads(settings: dict):
+    """Run with ``settings["threads"]`` CPU threads (if set), record the count used, restore after."""
+    before = torch.get_num_threads()
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    settings["threads"] = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def bench_modules(device: torch.device, steps: int | None = None, seed: int = 0, **overrides) -> dict:
     """The module benchmark (see the module docstring); ``steps``: timed steps per measurement.
 
@@ -513,18 +538,8 @@ def bench_modules(device: torch.device, steps: int | None = None, seed: int = 0,
     tiny settings.
     """
     device = torch.device(device)
-    s = {**_settings(device), "width": 64, "mechanisms": MECHANISMS}
-    unknown = set(overrides) - set(s)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {sorted(s)}")
-    s.update({k: v for k, v in overrides.items() if v is not None})
-    if steps is not None:
-        s["steps"] = steps
-    threads_before = torch.get_num_threads()
-    if s["threads"]:
-        torch.set_num_threads(s["threads"])
-    s["threads"] = torch.get_num_threads()
-    try:
+    s = _merge_settings({**_settings(device), "width": 64, "mechanisms": MECHANISMS}, overrides, steps)
+    with _threads(s):
         t0 = time.perf_counter()
         rows = mechanism_rows(device, s["mechanisms"], batch=s["batch"], steps=s["steps"], warmup=s["warmup"],
                               rounds=s["rounds"], seed=seed, width=s["width"])
@@ -542,8 +557,6 @@ def bench_modules(device: torch.device, steps: int | None = None, seed: int = 0,
                                        channels=s["attn_channels"], steps=s["steps"], warmup=s["warmup"],
                                        rounds=s["attn_rounds"], seed=seed, min_seconds=s["min_seconds"])
         elapsed = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads_before)
     cuda = device.type == "cuda"
     return {
         "benchmark": "modules",
@@ -585,25 +598,13 @@ def bench_danet_position(device: torch.device, steps: int | None = None, seed: i
     ``min_seconds``, ``threads``).
     """
     device = torch.device(device)
-    s = _danet_settings(device)
-    unknown = set(overrides) - set(s)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {sorted(s)}")
-    s.update(overrides)
-    if steps is not None:
-        s["steps"] = steps
-    threads_before = torch.get_num_threads()
-    if s["threads"]:
-        torch.set_num_threads(s["threads"])
-    s["threads"] = torch.get_num_threads()
-    try:
+    s = _merge_settings(_danet_settings(device), overrides, steps)
+    with _threads(s):
         t0 = time.perf_counter()
         rows = explicit_vs_fused_rows(device, s["sizes"], batch=s["batch"], channels=s["channels"],
                                       steps=s["steps"], warmup=s["warmup"], rounds=s["rounds"], seed=seed,
                                       min_seconds=s["min_seconds"], modules=("danet_position",))
         elapsed = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads_before)
     cuda = device.type == "cuda"
     return {
         "benchmark": "danet_position",
@@ -635,24 +636,14 @@ def bench_nonlocal(device: torch.device | str, seed: int = 0, command: str | Non
     from .provenance import provenance
 
     device = torch.device(device)
-    s = _settings(device)
-    unknown = set(overrides) - set(s)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {sorted(s)}")
-    s.update(overrides)
-    threads_before = torch.get_num_threads()
-    if s["threads"]:
-        torch.set_num_threads(s["threads"])
-    s["threads"] = torch.get_num_threads()
-    try:
+    s = _merge_settings(_settings(device), overrides)
+    with _threads(s):
         meta = provenance(device, seed, command)
         t0 = time.perf_counter()
         rows = explicit_vs_fused_rows(device, s["attn_sizes"], batch=s["attn_batch"], channels=s["attn_channels"],
                                       steps=s["steps"], warmup=s["warmup"], rounds=s["attn_rounds"], seed=seed,
                                       min_seconds=s["min_seconds"], modules=tuple(NONLOCAL_FORMS))
         elapsed = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads_before)
     return {**meta, "benchmark": "nonlocal explicit vs fused",
             "timing": "forward + backward of one block, " + _dtype_name(device) + ", channels_last; "
                       "medians over interleaved rounds",
