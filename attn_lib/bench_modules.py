@@ -120,9 +120,14 @@ def _dtype_name(device: torch.device) -> str:
 
 
 def forward_flops(model: torch.nn.Module, image_size: int = 32) -> int:
-    """FLOPs of one forward pass of one image, counted by torch (eval mode, CPU, float32)."""
+    """FLOPs of one forward pass of one image, counted by torch (eval mode, CPU, float32).
+
+    Attention runs on PyTorch's math path while counting: ``FlopCounterMode`` has no formula for
+    the fused CPU attention kernel and would leave attention's two matrix products out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     model = model.to("cpu", torch.float32).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(torch.zeros(1, model.in_channels, image_size, image_size))
     return int(counter.get_total_flops())
 

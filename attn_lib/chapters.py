@@ -148,7 +148,9 @@ def time_chapters(names: list[str] | None = None, command: str | None = None) ->
             row = json.loads(out.read_text())
         estimate = {"H100-class minutes": 0.0, "T4-class minutes": 0.0}
         for plan in row["planned"]:
-            got = full_mode_estimate(plan["names"], plan["seeds"], model=plan["model"])
+            got = full_mode_estimate(plan["names"], plan["seeds"], model=plan["model"],
+                                     epochs=plan.get("epochs"),
+                                     train_images=plan.get("train_images", 45_000))
             for key in estimate:
                 estimate[key] += got[key]
         row["full_mode_estimate"] = estimate

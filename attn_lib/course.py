@@ -77,7 +77,7 @@ def full_mode_config(attention: str | None = None, *, seed: int = 0, model: str 
                   epochs=FULL_MODE_EPOCHS)
     fields.update(overrides)
     if toy():
-        fields.update(TOY_OVERRIDES)
+        fields.update(TOY_OVERRIDES, train_subset=None)
         fields["model_kwargs"] = {**model_kwargs, **TOY_MODEL_KWARGS.get(model, {})}
     return TrainConfig.from_preset("fast", **fields)
 
@@ -97,19 +97,27 @@ def run_label(history: dict) -> str:
 
 def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: str,
                   seeds: Sequence[int] = (0,), model: str = "resnet18", model_kwargs: dict | None = None,
+                  attention_kwargs: dict | None = None, overrides: dict | None = None,
                   progress: bool = True) -> dict[str, dict[int, dict]]:
     """``{name: {seed: history}}`` for each attention ``name`` (``"none"`` for the plain network).
 
     Full mode trains each run with :func:`full_mode_config` into ``runs/{chapter}/{name}-s{seed}``
-    (resuming a run that was cut off) and marks its history ``meta["trained_now"] = True``. Quick mode
-    reads the recorded group ``recorded`` (see :mod:`attn_lib.results`) and keeps the seeds it has; a
-    name it lacks is reported and left out, never invented.
+    (resuming a run that was cut off) and marks its history ``meta["trained_now"] = True``;
+    ``attention_kwargs`` are model options for the runs with attention only (``{"reduction": 8}``)
+    and ``overrides`` other training settings (``{"epochs": 15, "train_subset": 10000}``). Quick
+    mode reads the recorded group ``recorded`` (see :mod:`attn_lib.results`) and keeps the seeds it
+    has; a name it lacks is reported and left out, never invented.
     """
     from .train import fit
 
     if isinstance(names, str):
         raise TypeError(f"expected a list of attention names, got the string {names!r}")
-    PLANNED_RUNS.append({"chapter": chapter, "names": list(names), "seeds": list(seeds), "model": model})
+    settings = overrides or {}
+    subset = settings.get("train_subset")
+    train_images = 45_000 if not subset else subset - settings.get("val_size", min(5000, subset // 5))
+    PLANNED_RUNS.append({"chapter": chapter, "names": list(names), "seeds": list(seeds), "model": model,
+                         "epochs": settings.get("epochs", FULL_MODE_EPOCHS),
+                         "train_images": train_images})
     if not full:
         stored = results.load_runs(recorded)
         missing = [n for n in names if n not in stored]
@@ -121,9 +129,13 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
     trained: dict[str, dict[int, dict]] = {}
     for name in names:
         attention = None if name == "none" else name
+        kwargs = {**(model_kwargs or {}), **((attention_kwargs or {}) if attention else {})}
         for seed in seeds:
-            cfg = full_mode_config(attention, seed=seed, model=model, model_kwargs=model_kwargs)
+            cfg = full_mode_config(attention, seed=seed, model=model, model_kwargs=kwargs,
+                                   **(overrides or {}))
             option = "" if attention is None else f" --attention {attention}"
+            option += "".join(f" -o {k}={v}" for k, v in kwargs.items())
+            option += "".join(f" --{k.replace('_', '-')} {v}" for k, v in (overrides or {}).items())
             command = (f"python -m attn_lib train --dataset {cfg.dataset} --model {model}{option} "
                        f"--seed {seed} --out runs/{chapter}/{name}-s{seed}")
             history = fit(cfg, out_root / f"{name}-s{seed}", resume=True, progress=progress,
@@ -420,7 +432,10 @@ def count_macs(model: torch.nn.Module, input_shape: Sequence[int] = (1, 3, 32, 3
     Counted by ``torch.utils.flop_counter`` (convolutions, matrix products and attention only;
     pooling, activations and element-wise products are not counted), on the device of the
     model's parameters, so a model built on the ``meta`` device costs no memory or arithmetic.
+    Attention runs on PyTorch's math path while counting: the counter has no formula for the
+    fused CPU kernel and would leave the two matrix products of attention out.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     if not isinstance(model, torch.nn.Module):
@@ -428,7 +443,7 @@ def count_macs(model: torch.nn.Module, input_shape: Sequence[int] = (1, 3, 32, 3
     if len(input_shape) < 2 or any(int(s) < 1 for s in input_shape):
         raise ValueError(f"expected an input shape such as (1, 3, 32, 32), got {tuple(input_shape)}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(torch.zeros(tuple(input_shape), device=device))
     return counter.get_total_flops() / 2
 

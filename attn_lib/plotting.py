@@ -349,3 +349,101 @@ def draw_cbam():
 
 
 __all__ += ["draw_cbam", "draw_sk_unit", "plot_seed_spread"]
+
+
+# ----------------------------------------------------------------------------- the comparison chapter
+def plot_accuracy_vs_cost(rows: Sequence[dict], axes=None):
+    """Accuracy (mean ± std over seeds) against two costs, for ``attn_lib.compare.mechanism_table``
+    rows: added forward FLOPs (%, log scale) and the GPU training-step time ratio. The plain
+    network is the grey band (its mean ± std); rows without a recorded accuracy are left out."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    base = next(r for r in rows if r["name"] == "none")["accuracy"]
+    costs = (("flops_added_pct", "forward FLOPs added (%, log scale)"),
+             ("gpu_step_ratio", "training-step time on the GPU (× plain)"))
+    for ax, (key, xlabel) in zip(axes, costs):
+        ax.axhspan(base["mean"] - base["std"], base["mean"] + base["std"], color="0.85",
+                   label="plain ResNet-18, mean ± std")
+        ax.axhline(base["mean"], color="0.5", lw=1)
+        for r in rows:
+            acc = r.get("accuracy")
+            if r["name"] == "none" or not acc or r.get(key) is None:
+                continue
+            spread = acc["std"] if acc["n"] > 1 else 0.0
+            ax.errorbar(r[key], acc["mean"], yerr=spread, fmt="o", capsize=3,
+                        mfc="white" if acc["n"] == 1 else None)
+            ax.annotate(f"{r['label']} ({acc['n']})", (r[key], acc["mean"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].set_ylabel("val top-1 (%)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].figure.tight_layout()
+    return axes
+
+
+def plot_paired_differences(differences: Mapping[str, Mapping[str, float]], ax=None):
+    """Paired differences with their confidence intervals, one row per label:
+    ``{label: {"differences": [...], "mean", "low", "high"}}`` (as
+    ``attn_lib.course.paired_seed_difference`` returns). Each seed is a dot, the mean a bar."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.6 + 0.55 * len(differences)))
+    for i, (label, d) in enumerate(differences.items()):
+        y = len(differences) - 1 - i
+        ax.plot(d["differences"], [y] * len(d["differences"]), "o", color="C0", alpha=0.6, ms=4)
+        if d["low"] == d["low"]:  # not NaN
+            ax.plot([d["low"], d["high"]], [y, y], color="C1", lw=2)
+        ax.plot([d["mean"]], [y], "|", color="C1", ms=14, mew=2)
+    ax.axvline(0, color="0.4", lw=1)
+    ax.set_yticks(range(len(differences)))
+    ax.set_yticklabels(list(differences)[::-1], fontsize=9)
+    ax.set_xlabel("SE minus plain, val top-1 (points): seeds (dots), mean and 95% CI (orange)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.figure.tight_layout()
+    return ax
+
+
+def plot_gallery(image: np.ndarray, views: Mapping[str, dict], cams: Mapping[str, np.ndarray],
+                 index: int = 0, title: str = "", size: float = 1.45):
+    """One image through every trained network: the top row shows what each mechanism did
+    (``attn_lib.compare.attention_views``: a map over the image, a grid of channel gates or a
+    curve over depth), the bottom row each network's Grad-CAM. ``cams`` has a ``"none"`` entry
+    for the plain network, shown under the image itself."""
+    names = ["none"] + [n for n in views]
+    fig, axes = plt.subplots(2, len(names), figsize=(size * len(names), 2 * size + 0.5),
+                             squeeze=False)
+    extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
+    for j, name in enumerate(names):
+        top, bottom = axes[0, j], axes[1, j]
+        if name == "none":
+            top.imshow(image, interpolation="nearest")
+            top.set_title(title, fontsize=8)
+        else:
+            view = views[name]
+            values = view["values"][index].detach().float().cpu().numpy()
+            if view["kind"] == "map":
+                top.imshow(image, interpolation="nearest")
+                top.imshow(values, cmap="viridis", alpha=0.6, interpolation="nearest",
+                           extent=extent)
+            elif view["kind"] == "grid":
+                top.imshow(values, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                top.plot(range(1, len(values) + 1), values, marker="o", ms=3)
+                top.set_ylim(0, 1)
+                top.set_xlabel("block", fontsize=7, labelpad=1)
+                top.tick_params(labelsize=6)
+            top.set_title(view["title"], fontsize=7)
+        if name in cams:
+            bottom.imshow(image, interpolation="nearest")
+            bottom.imshow(cams[name][index], cmap="jet", alpha=0.5, extent=extent)
+        bottom.set_title(f"Grad-CAM {name}", fontsize=7)
+    for ax in axes.flat:
+        if not ax.lines:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["plot_accuracy_vs_cost", "plot_paired_differences", "plot_gallery"]

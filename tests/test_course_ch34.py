@@ -190,3 +190,20 @@ def test_print_wrapped_keeps_every_word_within_the_width(capsys):
     assert out.splitlines()[2].startswith("      word")   # 2 spaces of the line + 4 more
     with pytest.raises(ValueError, match="at least 20"):
         course.print_wrapped("x", width=5)
+
+
+def test_count_macs_counts_attention_on_the_fused_path():
+    """The fused CPU attention kernel has no formula in torch's flop counter: counted naively, a
+    non-local block would cost its four 1x1 convolutions only. Hand count: theta, phi, g and W
+    (N positions x C x C_i each) plus the two products theta phi^T and f g (N x N x C_i each)."""
+    from attn_lib.modules.nonlocal_block import NonLocalBlock
+
+    C, Ci, side = 16, 8, 6
+    N = side * side
+    block = NonLocalBlock(C, mode="embedded", sub_sample=False, bn_layer=False).eval()
+    assert block.inter_channels == Ci
+    expected = 4 * N * C * Ci + 2 * N * N * Ci
+    assert course.count_macs(block, (1, C, side, side)) == expected
+    # and the added cost of attention grows faster than the pixels: 4x the pixels, more than 4x
+    small, large = (course.count_macs(block, (1, C, s, s)) for s in (side, 2 * side))
+    assert large / small > 4

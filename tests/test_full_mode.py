@@ -39,7 +39,7 @@ def full_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, 
 def test_full_mode_runs_and_uses_the_fresh_runs(full_runs, name):
     proc, runs = full_runs[name]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    histories = sorted(runs.glob("*/history.json"))
+    histories = sorted(runs.rglob("history.json"))
     assert histories, f"{name}: full mode trained nothing under {runs}"
     for path in histories:
         history = json.loads(path.read_text())
