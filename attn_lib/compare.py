@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import results
 
 __all__ = ["MECHANISMS", "EXPERIMENTS", "mechanism_table", "format_table", "missing",
-           "seeds_needed", "paired_power", "experiment_group", "gallery_models",
+           "seeds_needed", "paired_power", "experiment_group", "difference_by_epoch", "gallery_models",
            "attention_views"]
 
 #: The mechanisms in course order: ``(name, label, backbone)``.
@@ -28,7 +29,7 @@ MECHANISMS = (("se", "SE", "resnet18"), ("eca", "ECA", "resnet18"), ("sk", "SK",
               ("cbam", "CBAM", "resnet18"), ("danet", "DANet", "resnet18"),
               ("nonlocal", "Non-local", "resnet18"), ("dia", "DIA", "resnet18"),
               ("triple", "Triple", "densenet121"))
-LABELS = {"none": "none", **{name: label for name, label, _ in MECHANISMS}}
+LABELS = {"none": "plain", **{name: label for name, label, _ in MECHANISMS}}
 
 #: The "when does attention help?" experiments: a plain and an SE ResNet-18, trained from
 #: scratch on part of CIFAR-10's training set for 15 epochs. ``train_subset`` images are taken,
@@ -86,7 +87,7 @@ def mechanism_table(gpu_runs: str = "cifar10-h200-r18", gpu_bench: str = "bench-
     gpu, cpu, dense = _bench_rows(gpu_bench), _bench_rows(cpu_bench), None
     runs = results.load_runs(gpu_runs)
     rows = []
-    for name, label, backbone in (("none", "none", "resnet18"),) + MECHANISMS:
+    for name, label, backbone in (("none", "plain", "resnet18"),) + MECHANISMS:
         row = {"name": name, "label": label, "backbone": backbone, "sources": []}
         if backbone == "resnet18":
             for prefix, rows_, file in (("gpu", gpu, gpu_bench), ("cpu", cpu, cpu_bench)):
@@ -197,6 +198,35 @@ def seeds_needed(std: float, difference: float, alpha: float = 0.05, power: floa
         if paired_power(n, difference, std, alpha) >= power:
             return n
     raise ValueError(f"more than {most} seeds would be needed (difference {difference}, std {std})")
+
+
+def difference_by_epoch(runs: dict, name: str = "se", base: str = "none",
+                        metric: str = "val_top1", confidence: float = 0.95) -> dict:
+    """``name - base`` epoch by epoch, paired by seed: ``{"epochs", "mean", "low", "high"}``
+    (lists; the interval from ``scipy.stats.ttest_rel``, NaN with fewer than two seeds)."""
+    from scipy import stats
+
+    seeds = sorted(set(runs[name]) & set(runs[base]))
+    if not seeds:
+        raise ValueError(f"{name!r} and {base!r} share no seed")
+
+    def curve(history):
+        return {e["epoch"]: e[metric] for e in history["epochs"] if metric in e}
+
+    a = [curve(runs[name][s]) for s in seeds]
+    b = [curve(runs[base][s]) for s in seeds]
+    epochs = sorted(set.intersection(*(set(c) for c in a + b)))
+    out = {"epochs": epochs, "mean": [], "low": [], "high": [], "seeds": seeds}
+    for e in epochs:
+        x, y = np.array([c[e] for c in a]), np.array([c[e] for c in b])
+        out["mean"].append(float(np.mean(x - y)))
+        low = high = float("nan")
+        if len(seeds) > 1 and np.ptp(x - y) > 0:
+            ci = stats.ttest_rel(x, y).confidence_interval(confidence)
+            low, high = float(ci.low), float(ci.high)
+        out["low"].append(low)
+        out["high"].append(high)
+    return out
 
 
 # ----------------------------------------------------------------------------- the gallery

@@ -365,15 +365,16 @@ def plot_accuracy_vs_cost(rows: Sequence[dict], axes=None):
         ax.axhspan(base["mean"] - base["std"], base["mean"] + base["std"], color="0.85",
                    label="plain ResNet-18, mean ± std")
         ax.axhline(base["mean"], color="0.5", lw=1)
-        for r in rows:
-            acc = r.get("accuracy")
-            if r["name"] == "none" or not acc or r.get(key) is None:
-                continue
+        shown = [r for r in rows if r["name"] != "none" and r.get("accuracy")
+                 and r.get(key) is not None]
+        for i, r in enumerate(shown):
+            acc = r["accuracy"]
             spread = acc["std"] if acc["n"] > 1 else 0.0
             ax.errorbar(r[key], acc["mean"], yerr=spread, fmt="o", capsize=3,
-                        mfc="white" if acc["n"] == 1 else None)
+                        color=f"C{i}", mfc="white" if acc["n"] == 1 else f"C{i}")
+            # labels alternate above and below their point, so that equal accuracies stay legible
             ax.annotate(f"{r['label']} ({acc['n']})", (r[key], acc["mean"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+                        xytext=(4, 4 if i % 2 == 0 else -11), textcoords="offset points")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
@@ -383,7 +384,8 @@ def plot_accuracy_vs_cost(rows: Sequence[dict], axes=None):
     return axes
 
 
-def plot_paired_differences(differences: Mapping[str, Mapping[str, float]], ax=None):
+def plot_paired_differences(differences: Mapping[str, Mapping[str, float]], ax=None,
+                            xlabel: str = "attention minus plain, val top-1 (points)"):
     """Paired differences with their confidence intervals, one row per label:
     ``{label: {"differences": [...], "mean", "low", "high"}}`` (as
     ``attn_lib.course.paired_seed_difference`` returns). Each seed is a dot, the mean a bar."""
@@ -398,18 +400,21 @@ def plot_paired_differences(differences: Mapping[str, Mapping[str, float]], ax=N
     ax.axvline(0, color="0.4", lw=1)
     ax.set_yticks(range(len(differences)))
     ax.set_yticklabels(list(differences)[::-1], fontsize=9)
-    ax.set_xlabel("SE minus plain, val top-1 (points): seeds (dots), mean and 95% CI (orange)")
+    ax.set_xlabel(f"{xlabel}: seeds (dots), mean and 95% CI (orange)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     ax.figure.tight_layout()
     return ax
 
 
 def plot_gallery(image: np.ndarray, views: Mapping[str, dict], cams: Mapping[str, np.ndarray],
-                 index: int = 0, title: str = "", size: float = 1.45):
+                 index: int = 0, title: str = "", size: float = 1.45,
+                 labels: Mapping[str, str] | None = None):
     """One image through every trained network: the top row shows what each mechanism did
     (``attn_lib.compare.attention_views``: a map over the image, a grid of channel gates or a
     curve over depth), the bottom row each network's Grad-CAM. ``cams`` has a ``"none"`` entry
-    for the plain network, shown under the image itself."""
+    for the plain network, shown under the image itself; ``labels`` names the networks
+    (default: their keys)."""
+    labels = {"none": "plain", **(labels or {})}
     names = ["none"] + [n for n in views]
     fig, axes = plt.subplots(2, len(names), figsize=(size * len(names), 2 * size + 0.5),
                              squeeze=False)
@@ -437,7 +442,7 @@ def plot_gallery(image: np.ndarray, views: Mapping[str, dict], cams: Mapping[str
         if name in cams:
             bottom.imshow(image, interpolation="nearest")
             bottom.imshow(cams[name][index], cmap="jet", alpha=0.5, extent=extent)
-        bottom.set_title(f"Grad-CAM {name}", fontsize=7)
+        bottom.set_title(f"Grad-CAM, {labels.get(name, name)}", fontsize=7)
     for ax in axes.flat:
         if not ax.lines:
             ax.set_xticks([])
