@@ -133,9 +133,11 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
         for seed in seeds:
             cfg = full_mode_config(attention, seed=seed, model=model, model_kwargs=kwargs,
                                    **(overrides or {}))
+            # the command of the run as configured (a toy run shows its own, smaller settings)
             option = "" if attention is None else f" --attention {attention}"
-            option += "".join(f" -o {k}={v}" for k, v in kwargs.items())
-            option += "".join(f" --{k.replace('_', '-')} {v}" for k, v in (overrides or {}).items())
+            option += "".join(f" -o {k}={v}" for k, v in cfg.model_kwargs.items())
+            option += "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}"
+                              for k in (overrides or {}) if getattr(cfg, k) is not None)
             command = (f"python -m attn_lib train --dataset {cfg.dataset} --model {model}{option} "
                        f"--seed {seed} --out runs/{chapter}/{name}-s{seed}")
             history = fit(cfg, out_root / f"{name}-s{seed}", resume=True, progress=progress,

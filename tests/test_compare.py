@@ -138,6 +138,27 @@ def test_attention_options_and_overrides_reach_full_mode(monkeypatch, tmp_path):
     assert runs["none"][0]["config"]["model_kwargs"] == {"width": 16}  # toy width wins
     assert runs["se"][0]["config"]["model_kwargs"]["reduction"] == 8
     assert "-o reduction=8" in runs["se"][0]["meta"]["command"]
+    assert "--epochs 1 " in runs["se"][0]["meta"]["command"]  # the toy run's own settings
+    assert "--train-subset" not in runs["se"][0]["meta"]["command"]
     assert "reduction" not in runs["none"][0]["meta"]["command"]
     plan = course.PLANNED_RUNS[-1]
     assert plan["epochs"] == 15 and plan["train_images"] == 5000
+
+
+@pytest.mark.parametrize("key", list(compare.EXPERIMENTS))
+def test_the_recorded_experiments_are_the_declared_design(key):
+    """Each experiment the chapter reads has both networks on the same three seeds, trained with
+    the settings :data:`attn_lib.compare.EXPERIMENTS` declares, from a clean commit."""
+    spec = compare.EXPERIMENTS[key]
+    runs = results.load_runs(compare.experiment_group(key))
+    assert set(runs) == {"none", "se"} and set(runs["none"]) == set(runs["se"]) == {0, 1, 2}
+    for name, seeds in runs.items():
+        for seed, history in seeds.items():
+            cfg, meta = history["config"], history["meta"]
+            assert cfg["model_kwargs"]["width"] == spec["width"]
+            assert cfg["train_subset"] == spec["train_subset"] and cfg["seed"] == seed
+            assert cfg["val_size"] == compare.EXPERIMENT_VAL_SIZE
+            assert len(history["epochs"]) == cfg["epochs"] == compare.EXPERIMENT_EPOCHS
+            assert cfg["model_kwargs"].get("reduction", 16) == (
+                spec["reduction"] if name == "se" else 16)
+            assert not results.commit_label(meta).endswith("-dirty")

@@ -11,7 +11,10 @@ is the final model of one such run, loadable with ``torch.load(weights_only=True
 Groups: ``cifar10-cpu-w16`` are width-16 ResNet-18s trained for 5 epochs on a CPU (with weights,
 for the chapters' visualisations); ``cifar10-h200-r18`` are full-width ResNet-18s trained for 20
 epochs on an NVIDIA H200, several seeds (``{group}--{attention}--s{seed}.json``, histories only),
-copied unchanged from the runs' own output: their ``meta`` says how each was made.
+copied unchanged from the runs' own output: their ``meta`` says how each was made;
+``cifar10-cpu-n5k-w16``, ``cifar10-cpu-n5k-w8`` and ``cifar10-cpu-n20k-w8`` are the comparison
+chapter's experiments (a plain and an SE ResNet-18 of width 16 or 8, trained for 15 epochs on
+5,000 or 20,000 images, three seeds each; histories only, see ``attn_lib.compare.EXPERIMENTS``).
 """
 from __future__ import annotations
 
