@@ -54,9 +54,9 @@ def experiment_group(key: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the table
-def _bench_rows(name: str) -> dict[str, dict]:
+def _bench_rows(name: str, kind: str = "mechanism") -> dict[str, dict]:
     bench = results.load(name)
-    return {r["attention"]: r for r in bench["rows"] if r.get("kind") == "mechanism"}
+    return {r["attention"]: r for r in bench["rows"] if r.get("kind") == kind}
 
 
 def _accuracy(runs: dict, name: str, metric: str) -> dict:
@@ -79,29 +79,28 @@ def mechanism_table(gpu_runs: str = "cifar10-h200-r18", gpu_bench: str = "bench-
 
     Costs are those of the full-width network on 32x32 images: parameters and forward FLOPs added
     (% of the plain backbone), and the training-step time and peak-memory ratios to the plain
-    backbone measured in the same run, on the GPU and on the CPU. Accuracy: mean and sample std
+    backbone measured in the same run, on the GPU and on the CPU (parameters and FLOPs, which
+    are counted, from the CPU file when both have them). Accuracy: mean and sample std
     over the seeds of ``gpu_runs``, and the paired difference to the plain network with a 95%
     confidence interval (``scipy.stats.ttest_rel``). ``sources`` names each file a row reads.
     Triple attention lives on a DenseNet-121: its costs are relative to the plain DenseNet-121.
     """
-    gpu, cpu, dense = _bench_rows(gpu_bench), _bench_rows(cpu_bench), None
     runs = results.load_runs(gpu_runs)
     rows = []
     for name, label, backbone in (("none", "plain", "resnet18"),) + MECHANISMS:
         row = {"name": name, "label": label, "backbone": backbone, "sources": []}
-        if backbone == "resnet18":
-            for prefix, rows_, file in (("gpu", gpu, gpu_bench), ("cpu", cpu, cpu_bench)):
-                r = rows_.get(name)
-                if r is None:
-                    continue
-                row.update({"params_added_pct": r["params_added_pct"],
-                            "flops_added_pct": r["flops_added_pct"],
-                            f"{prefix}_step_ratio": r["step_time_ratio"],
-                            f"{prefix}_memory_ratio": r.get("peak_memory_ratio")})
-                row["sources"].append(file)
-        else:
-            if dense is None:
-                dense = {r["name"]: r for r in results.load(densenet_bench)["rows"]}
+        kind = "mechanism" if backbone == "resnet18" else "densenet"
+        for prefix, file in (("gpu", gpu_bench), ("cpu", cpu_bench)):  # the CPU file's counts last
+            r = _bench_rows(file, kind).get(name)
+            if r is None:
+                continue
+            row.update({"params_added_pct": r["params_added_pct"],
+                        "flops_added_pct": r["flops_added_pct"],
+                        f"{prefix}_step_ratio": r["step_time_ratio"],
+                        f"{prefix}_memory_ratio": r.get("peak_memory_ratio")})
+            row["sources"].append(file)
+        if backbone != "resnet18" and not row["sources"]:  # an older file without DenseNet rows
+            dense = {r["name"]: r for r in results.load(densenet_bench)["rows"]}
             r, base = dense.get(name), dense.get("none")
             if r is not None and base is not None:
                 row.update({"params_added_pct": 100 * (r["params"] / base["params"] - 1),
