@@ -92,6 +92,20 @@ def test_there_are_chapters():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_opens_with_its_title_and_only_one(path):
+    """The first cell is Markdown with the chapter's one level-1 heading: the book takes the
+    page title from it, and every other heading is level 2 or deeper."""
+    cells = load(path)["cells"]
+    first = source(cells[0]).lstrip()
+    assert cells[0]["cell_type"] == "markdown" and first.startswith("# "), (
+        f"{path.name}: the first cell must be Markdown starting with the title ('# ...'), got "
+        f"a {cells[0]['cell_type']} cell: {first[:60]!r}")
+    titles = [c for c in cells if c["cell_type"] == "markdown"
+              and any(line.startswith("# ") for line in source(c).splitlines())]
+    assert len(titles) == 1, f"{path.name}: {len(titles)} cells have a level-1 heading; expected 1"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_first_code_cell_is_the_course_setup_cell(path):
     comment, rest = split_comment(first_code_cell(load(path)))
     assert comment, f"{path.name}: the set-up cell starts with a comment saying what it does"
