@@ -258,7 +258,8 @@ def attention_views(model: torch.nn.Module, name: str, x: torch.Tensor) -> dict:
     (``[B, blocks]``, one value per block, in depth order).
 
     * SE, ECA: the 128 channel gates of the last block;
-    * SK: the weight of the 5x5 branch, averaged over channels, in each of the 8 blocks;
+    * SK: the weight of the dilated branch (3x3, dilation 2: a 5x5 window), averaged over
+      channels, in each of the 8 blocks;
     * CBAM: the spatial gate of block ``layer3.1`` (8x8);
     * DANet, non-local: the weights of the centre position (the query) over every position;
     * DIA: the mean gate of each block of the shared LSTM, in depth order;
@@ -274,7 +275,7 @@ def attention_views(model: torch.nn.Module, name: str, x: torch.Tensor) -> dict:
     if name == "sk":
         weights = collect_attention(model, x)  # {block: [B, 2, C, 1, 1]}
         per_block = torch.stack([w[:, 1].mean((1, 2, 3)) for w in weights.values()], 1)
-        return {"kind": "curve", "values": per_block, "title": "SK: 5x5 branch weight"}
+        return {"kind": "curve", "values": per_block, "title": "SK: dilated-branch weight"}
     if name == "cbam":
         spatial = collect_attention(model, x)["layer3.1.gate"]["spatial"][:, 0]
         return {"kind": "map", "values": spatial, "title": "CBAM: spatial gate"}
