@@ -119,6 +119,23 @@ def _dtype_name(device: torch.device) -> str:
     return "bfloat16 autocast" if device.type == "cuda" else "float32"
 
 
+def _random_batch(device: torch.device, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed random batch of 32x32 images (channels_last) and labels, the same for every model
+    a benchmark compares."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return x, y
+
+
+def _baseline_first(mechanisms) -> list[str]:
+    """The mechanisms as a list, checked to start with the plain network every ratio refers to."""
+    mechanisms = list(mechanisms)
+    if not mechanisms or mechanisms[0] != "none":
+        raise ValueError(f"expected the mechanisms to start with the baseline 'none', got {mechanisms}")
+    return mechanisms
+
+
 def forward_flops(model: torch.nn.Module, image_size: int = 32) -> int:
     """FLOPs of one forward pass of one image, counted by torch (eval mode, CPU, float32).
 
@@ -217,13 +234,9 @@ def mechanism_rows(device: torch.device, mechanisms: Sequence[str] = MECHANISMS,
     same round); each round times ``steps`` steps of each model. Before the first round every
     model takes ``warmup`` untimed steps (at least one) and one more whose peak memory is taken.
     """
-    mechanisms = list(mechanisms)
-    if not mechanisms or mechanisms[0] != "none":
-        raise ValueError(f"expected the mechanisms to start with the baseline 'none', got {mechanisms}")
+    mechanisms = _baseline_first(mechanisms)
     fmt = torch.channels_last
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    x, y = _random_batch(device, batch, seed)
     batches = itertools.repeat((x, y))
 
     static: dict[str, dict] = {}
@@ -415,13 +428,9 @@ def compiled_step_ratios(device: torch.device, mechanisms: Sequence[str] = MECHA
     break fails the compilation, which is recorded (``compile_error``, figures ``None``) rather than
     timed as a partly eager model. The ratio is against the compiled plain network, in interleaved
     rounds as for the eager rows; the first steps (compilation) are untimed warm-up."""
-    mechanisms = list(mechanisms)
-    if not mechanisms or mechanisms[0] != "none":
-        raise ValueError(f"expected the mechanisms to start with the baseline 'none', got {mechanisms}")
+    mechanisms = _baseline_first(mechanisms)
     fmt = torch.channels_last
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    x, y = _random_batch(device, batch, seed)
     steps_fn, errors = {}, {}
     for name in mechanisms:
         torch._dynamo.reset()  # a fresh cache per model: no recompilation limit shared across models
@@ -453,9 +462,7 @@ def densenet_rows(device: torch.device, *, batch: int, steps: int, warmup: int, 
     from .models import densenet121
 
     fmt = torch.channels_last
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    x, y = _random_batch(device, batch, seed)
     static, eager, compiled, errors = {}, {}, {}, {}
     for name in ("none", "triple"):
         torch.manual_seed(seed)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -86,12 +85,14 @@ def mechanism_table(gpu_runs: str = "cifar10-h200-r18", gpu_bench: str = "bench-
     Triple attention lives on a DenseNet-121: its costs are relative to the plain DenseNet-121.
     """
     runs = results.load_runs(gpu_runs)
+    benches = {(file, kind): _bench_rows(file, kind) for file in (gpu_bench, cpu_bench)
+               for kind in ("mechanism", "densenet")}
     rows = []
     for name, label, backbone in (("none", "plain", "resnet18"),) + MECHANISMS:
         row = {"name": name, "label": label, "backbone": backbone, "sources": []}
         kind = "mechanism" if backbone == "resnet18" else "densenet"
         for prefix, file in (("gpu", gpu_bench), ("cpu", cpu_bench)):  # the CPU file's counts last
-            r = _bench_rows(file, kind).get(name)
+            r = benches[file, kind].get(name)
             if r is None:
                 continue
             row.update({"params_added_pct": r["params_added_pct"],
@@ -201,30 +202,22 @@ def seeds_needed(std: float, difference: float, alpha: float = 0.05, power: floa
 
 def difference_by_epoch(runs: dict, name: str = "se", base: str = "none",
                         metric: str = "val_top1", confidence: float = 0.95) -> dict:
-    """``name - base`` epoch by epoch, paired by seed: ``{"epochs", "mean", "low", "high"}``
-    (lists; the interval from ``scipy.stats.ttest_rel``, NaN with fewer than two seeds)."""
-    from scipy import stats
+    """``name - base`` epoch by epoch, paired by seed: ``{"epochs", "mean", "low", "high",
+    "seeds"}`` (lists), each epoch's figures from
+    :func:`attn_lib.course.paired_seed_difference` on the runs cut after that epoch."""
+    from .course import paired_seed_difference
 
-    seeds = sorted(set(runs[name]) & set(runs[base]))
-    if not seeds:
-        raise ValueError(f"{name!r} and {base!r} share no seed")
-
-    def curve(history):
-        return {e["epoch"]: e[metric] for e in history["epochs"] if metric in e}
-
-    a = [curve(runs[name][s]) for s in seeds]
-    b = [curve(runs[base][s]) for s in seeds]
-    epochs = sorted(set.intersection(*(set(c) for c in a + b)))
-    out = {"epochs": epochs, "mean": [], "low": [], "high": [], "seeds": seeds}
-    for e in epochs:
-        x, y = np.array([c[e] for c in a]), np.array([c[e] for c in b])
-        out["mean"].append(float(np.mean(x - y)))
-        low = high = float("nan")
-        if len(seeds) > 1 and np.ptp(x - y) > 0:
-            ci = stats.ttest_rel(x, y).confidence_interval(confidence)
-            low, high = float(ci.low), float(ci.high)
-        out["low"].append(low)
-        out["high"].append(high)
+    pair = {n: runs[n] for n in (name, base)}
+    epochs = sorted(set.intersection(*({e["epoch"] for e in h["epochs"] if metric in e}
+                                       for seeds in pair.values() for h in seeds.values())))
+    out = {"epochs": epochs, "mean": [], "low": [], "high": [], "seeds": []}
+    for epoch in epochs:
+        upto = {n: {s: {"epochs": [e for e in h["epochs"] if e["epoch"] <= epoch]}
+                    for s, h in seeds.items()} for n, seeds in pair.items()}
+        d = paired_seed_difference(upto, name, base, metric, confidence)
+        for key in ("mean", "low", "high"):
+            out[key].append(d[key])
+        out["seeds"] = d["seeds"]
     return out
 
 

@@ -112,9 +112,12 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
 
     if isinstance(names, str):
         raise TypeError(f"expected a list of attention names, got the string {names!r}")
+    from .train import DEFAULT_VAL_SIZE
+
     settings = overrides or {}
     subset = settings.get("train_subset")
-    train_images = 45_000 if not subset else subset - settings.get("val_size", min(5000, subset // 5))
+    train_images = 45_000 if not subset else subset - settings.get(
+        "val_size", min(DEFAULT_VAL_SIZE, subset // 5))  # the trainer's hold-out rule
     PLANNED_RUNS.append({"chapter": chapter, "names": list(names), "seeds": list(seeds), "model": model,
                          "epochs": settings.get("epochs", FULL_MODE_EPOCHS),
                          "train_images": train_images})
