@@ -167,20 +167,20 @@ def test_correct_kernel_size_passes():
 
 @pytest.mark.parametrize("wrong, check, phrase", [
     # even results kept: C = 128 gives t = 4
-    (lambda c, gamma=2, b=1: int((math.log2(c) + b) / gamma), "the paper's values for ResNet's stages", "k must be odd"),
+    (lambda c, gamma=2, b=1: int((math.log2(c) + b) / gamma), "the rule at a ResNet-18's stages (64-512 channels)", "k must be odd"),
     # an even t rounded down to the odd number below
     (lambda c, gamma=2, b=1: (lambda t: t if t % 2 else t - 1)(int((math.log2(c) + b) / gamma)),
-     "the paper's values for ResNet's stages", "goes up to the next odd number"),
+     "the rule at a ResNet-18's stages (64-512 channels)", "goes up to the next odd number"),
     # rounding t instead of truncating it: 64 channels give round(3.5) = 4 -> 5
     (lambda c, gamma=2, b=1: (lambda t: t if t % 2 else t + 1)(round((math.log2(c) + b) / gamma)),
-     "the paper's values for ResNet's stages", "do not round it"),
+     "the rule at a ResNet-18's stages (64-512 channels)", "do not round it"),
     # the natural logarithm
     (lambda c, gamma=2, b=1: (lambda t: t if t % 2 else t + 1)(int((math.log(c) + b) / gamma)),
-     "the paper's values for ResNet's stages", "expected"),
+     "the rule at a ResNet-18's stages (64-512 channels)", "expected"),
     # gamma and b ignored (hard-coded)
     (lambda c, gamma=2, b=1: eca_correct(c), "uses gamma and b", "expected"),
     # the official code's k = 3 everywhere
-    (lambda c, gamma=2, b=1: 3, "the paper's values for ResNet's stages", "C = 128: expected 5, got 3"),
+    (lambda c, gamma=2, b=1: 3, "the rule at a ResNet-18's stages (64-512 channels)", "C = 128: expected 5, got 3"),
 ])
 def test_wrong_kernel_size_is_caught(wrong, check, phrase):
     report = check_eca_kernel_size(wrong)

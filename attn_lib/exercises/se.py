@@ -265,8 +265,8 @@ def check_eca_kernel_size(fn: Callable[..., int]) -> Report:
     """Check ``fn(channels, gamma=2, b=1) -> k`` against :func:`eca_kernel_size`.
 
     ECA's rule: ``k = |log2(C) / gamma + b / gamma|_odd``, where ``|t|_odd`` is ``int(t)`` if that
-    is odd, else ``int(t) + 1``. Checks: returns an int; the paper's 3, 5, 5, 5 for 64-512
-    channels; odd and equal to the rule for C from 1 to 4096; uses ``gamma`` and ``b``.
+    is odd, else ``int(t) + 1``. Checks: returns an int; the rule's 3, 5, 5, 5 at a ResNet-18's
+    64-512 channels; odd and equal to the rule for C from 1 to 4096; uses ``gamma`` and ``b``.
     """
     report = Report("ECA kernel size: k = |log2(C) / gamma + b / gamma|, made odd")
     got: dict = {}
@@ -281,7 +281,7 @@ def check_eca_kernel_size(fn: Callable[..., int]) -> Report:
     if not report.run("returns an int", returns_int):
         return report
 
-    def papers_values():
+    def resnet18_stages():
         wrong = []
         ks = [fn(C) for C in (64, 128, 256, 512)]
         constant = len(set(ks)) == 1 and ks[0] != 5
@@ -293,7 +293,7 @@ def check_eca_kernel_size(fn: Callable[..., int]) -> Report:
                            "the rule makes it grow with log2(C): " if constant else "") + "; ".join(wrong)
         return "3, 5, 5, 5 for 64, 128, 256, 512 channels"
 
-    report.run("the paper's values for ResNet's stages", papers_values)
+    report.run("the rule at a ResNet-18's stages (64-512 channels)", resnet18_stages)
 
     def all_channels():
         wrong = []

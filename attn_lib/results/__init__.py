@@ -2,7 +2,9 @@
 
 Each ``*.json`` here was written by ``python -m attn_lib train`` or ``python -m attn_lib bench``
 and records the command, git commit, hardware and seed that produced it; each ``weights/*.pt``
-is the final model of one such run, loadable with ``torch.load(weights_only=True)``.
+is a float16 copy of the final model of one such run, loadable with
+``torch.load(weights_only=True)`` (float16 can flip a prediction whose logit margin is tiny, so
+its accuracy may differ from the recorded one by an image or two).
 
     histories = load_histories("cifar10-cpu-w16")     # {"none": {...}, "se": {...}, ...}
     runs = load_runs("cifar10-h200-r18")              # {"none": {0: {...}, 1: ..., 2: ...}, ...}
