@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a backbone, with or without attention",
                        description="Train on CIFAR (or the synthetic stand-in). Writes OUT/history.json "
-                                   "and OUT/checkpoint.pt after every epoch; --resume continues a stopped run "
-                                   "exactly where it left off.")
+                                   "and OUT/checkpoint.pt after every epoch (the previous epoch's is kept as "
+                                   "OUT/checkpoint-prev.pt); --resume continues a stopped run exactly where it "
+                                   "left off.")
     t.add_argument("--dataset", choices=DATASETS, default="cifar10")
     t.add_argument("--data-dir", default="data", help="where the data is or goes (default: data)")
     t.add_argument("--no-download", action="store_true", help="fail with a clear message instead of downloading")
@@ -70,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     t.add_argument("--out", required=True, help="output directory for history.json and checkpoint.pt")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt if it exists; if that file is damaged, from "
+                        "OUT/checkpoint-prev.pt (one epoch trained again, with a warning; the damaged file "
+                        "is moved aside to OUT/checkpoint.pt.damaged)")
     t.add_argument("--stop-after", type=int, metavar="EPOCH", help="stop after this epoch (continue with --resume)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -149,7 +153,8 @@ def _train(args, command: str) -> int:
     """Exit status 0: trained; 2: an option, a data file or the run directory is wrong (nothing
     trained, nothing written); 1: training stopped (diverged, out of memory)."""
     from .data import DataFileError, DataNotFoundError
-    from .train import PRESET_ALIASES, CheckpointError, TrainConfig, TrainingDiverged, TrainingOutOfMemory, fit
+    from .train import (PRESET_ALIASES, CheckpointError, ConfigError, TrainConfig, TrainingDiverged,
+                        TrainingOutOfMemory, fit)
 
     if args.preset in PRESET_ALIASES:
         print(f"note: --preset {args.preset} is the old name of --preset {PRESET_ALIASES[args.preset]}",
@@ -170,7 +175,8 @@ def _train(args, command: str) -> int:
             return 2
         fit(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after,
             command=command, cli=True)
-    except (DataNotFoundError, DataFileError, CheckpointError, ValueError) as err:
+    except (ConfigError, DataNotFoundError, DataFileError, CheckpointError) as err:
+        # only the project's own input errors: any other exception is a bug and keeps its traceback
         for line in str(err).splitlines() or [type(err).__name__]:
             print(f"error: {line}", file=sys.stderr)
         return 2

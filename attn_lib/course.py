@@ -82,6 +82,61 @@ def full_mode_config(attention: str | None = None, *, seed: int = 0, model: str 
     return TrainConfig.from_preset("fast", **fields)
 
 
+# ----------------------------------------------------------------------------- argument checks
+# The functions below are what a reader calls from a notebook: a wrong kind of argument gets one
+# exception that names the function, the argument and what is expected, not an error from deep inside.
+
+def _kind(value) -> str:
+    return f"{type(value).__name__} {value!r}" if isinstance(value, (str, int, float)) else type(value).__name__
+
+
+def _expect_model(fn: str, model, name: str = "model") -> None:
+    if not isinstance(model, torch.nn.Module):
+        hint = ": build the network first, e.g. models.resnet18(10)" if isinstance(model, str) else ""
+        raise TypeError(f"{fn}: expected {name} as a network (an nn.Module), got {_kind(model)}{hint}")
+
+
+def _expect_dataset(fn: str, data, name: str = "data") -> None:
+    if not isinstance(data, ArrayDataset):
+        hint = (": pass the dataset itself, e.g. chapter_data('test')"
+                if torch.is_tensor(data) or type(data).__module__ == "numpy" else "")
+        raise TypeError(f"{fn}: expected {name} as an ArrayDataset (from chapter_data or load_cifar), got "
+                        f"{_kind(data)}{hint}")
+
+
+def _expect_int(fn: str, name: str, value, low: int = 1) -> None:
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: expected {name} as an integer >= {low}, got {_kind(value)}")
+    if value < low:
+        raise ValueError(f"{fn}: expected {name} >= {low}, got {value}")
+
+
+def _expect_bool(fn: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: expected {name} as True or False, got {_kind(value)}")
+
+
+def _expect_list(fn: str, name: str, value, of: type, example: str) -> list:
+    """``value`` as a list of ``of`` (not a single string), at least one."""
+    import numbers
+
+    if isinstance(value, str):
+        raise TypeError(f"{fn}: expected {name} as a list such as {example}, got the string {value!r}")
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"{fn}: expected {name} as a list such as {example}, got {_kind(value)}") from None
+    wrong = [v for v in items if not (isinstance(v, of) and not isinstance(v, bool))
+             and not (of is int and isinstance(v, numbers.Integral) and not isinstance(v, bool))]
+    if wrong:
+        raise TypeError(f"{fn}: expected {name} as a list such as {example}, but it holds {_kind(wrong[0])}")
+    if not items:
+        raise ValueError(f"{fn}: expected at least one item in {name}, such as {example}; got none")
+    return items
+
+
 #: What the chapters' training cells asked :func:`train_or_load` for, in this process (quick mode
 #: included): ``python -m attn_lib chapter time`` turns it into full mode's time estimates.
 PLANNED_RUNS: list[dict] = []
@@ -110,8 +165,25 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
     """
     from .train import fit
 
+    fn = "train_or_load"
+    if not isinstance(chapter, str) or not chapter:
+        raise TypeError(f"{fn}: expected chapter as a folder name such as '02_se', got {_kind(chapter)}")
     if isinstance(names, str):
-        raise TypeError(f"expected a list of attention names, got the string {names!r}")
+        raise TypeError(f"{fn}: expected a list of attention names, got the string {names!r}: write [{names!r}]")
+    names = _expect_list(fn, "names", names, str, "['none', 'se']")
+    seeds = _expect_list(fn, "seeds", seeds, int, "(0, 1, 2)")
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"{fn}: expected seeds >= 0, got {seeds}")
+    _expect_bool(fn, "full", full)
+    if not isinstance(recorded, str):
+        raise TypeError(f"{fn}: expected recorded as the name of a group of recorded runs such as "
+                        f"'cifar10-h200-r18', got {_kind(recorded)}")
+    if not isinstance(model, str):
+        raise TypeError(f"{fn}: expected model as a backbone name such as 'resnet18', got {_kind(model)}")
+    for name, value in (("model_kwargs", model_kwargs), ("attention_kwargs", attention_kwargs),
+                        ("overrides", overrides)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"{fn}: expected {name} as a dict of options (or None), got {_kind(value)}")
     from .train import DEFAULT_VAL_SIZE
 
     settings = overrides or {}
@@ -174,6 +246,9 @@ def cmp(what: str, got: torch.Tensor, expected: torch.Tensor, **tolerance) -> No
 
     In the manner of nn-zero-to-hero's ``cmp``: ``what | exact: True | close: True | max diff 0``.
     """
+    for name, value in (("got", got), ("expected", expected)):
+        if not torch.is_tensor(value):
+            raise TypeError(f"cmp({what!r}): expected {name} as a torch.Tensor, got {_kind(value)}")
     if got.shape != expected.shape:
         raise AssertionError(f"{what}: shapes differ, {list(got.shape)} vs {list(expected.shape)}")
     exact = torch.equal(got, expected)
@@ -238,6 +313,7 @@ def model_cost(model: torch.nn.Module, image_size: int = 32, in_channels: int = 
     ``macs == flops // 2``. Runs on the model's own device: a model built on the ``meta`` device
     (shapes, no storage) is counted instantly. The model is put in eval mode.
     """
+    _expect_model("model_cost", model)
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"expected a positive image size in pixels, got {image_size!r}")
     model.eval()
@@ -258,8 +334,12 @@ def step_time_ratios(models: dict, batch: int = 32, rounds: int = 3, image_size:
     import statistics
     import time
 
+    if not isinstance(models, dict):
+        raise TypeError(f"step_time_ratios: expected models as a dict {{name: network}}, got {_kind(models)}")
     if not models:
         raise ValueError("expected at least one model to time, got none")
+    for name, model in models.items():
+        _expect_model("step_time_ratios", model, f"models[{name!r}]")
     if rounds < 1 or batch < 1:
         raise ValueError(f"expected rounds >= 1 and batch >= 1, got rounds={rounds}, batch={batch}")
     gen = torch.Generator().manual_seed(0)
@@ -464,8 +544,11 @@ def step_seconds(model: torch.nn.Module, batch: int = 16, steps: int = 2, image_
 
     import torch.nn.functional as F
 
-    if batch < 1 or steps < 1:
-        raise ValueError(f"expected batch >= 1 and steps >= 1, got batch={batch}, steps={steps}")
+    _expect_model("step_seconds", model)
+    for name, value in (("batch", batch), ("steps", steps), ("image_size", image_size),
+                        ("num_classes", num_classes)):
+        _expect_int("step_seconds", name, value)
+    _expect_int("step_seconds", "seed", seed, low=0)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, image_size, image_size, generator=generator)
     y = torch.randint(0, num_classes, (batch,), generator=generator)
@@ -482,7 +565,14 @@ def step_seconds(model: torch.nn.Module, batch: int = 16, steps: int = 2, image_
 
 
 def normalised_images(data: ArrayDataset, indices: Sequence[int] | slice | None = None) -> torch.Tensor:
-    """``data``'s images as the network's input: ``[N, 3, H, W]`` floats, minus mean, over std."""
+    """``data``'s images as the network's input: ``[N, 3, H, W]`` floats, minus mean, over std.
+
+    ``indices``: a slice, or a list (range, array) of image indices; ``None``: every image."""
+    _expect_dataset("normalised_images", data)
+    if indices is not None and not isinstance(indices, slice) and (
+            isinstance(indices, (str, bytes)) or not hasattr(indices, "__len__")):
+        raise TypeError(f"normalised_images: expected indices as a slice or a list of image indices "
+                        f"(for one image i: [i]), got {_kind(indices)}")
     x = data.x if indices is None else data.x[indices]
     images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
     mean = torch.tensor(data.mean).view(1, 3, 1, 1)
@@ -498,8 +588,10 @@ def predict(model: torch.nn.Module, data: ArrayDataset, batch_size: int = 250, t
     """
     import numpy as np
 
-    if batch_size < 1:
-        raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+    _expect_model("predict", model)
+    _expect_dataset("predict", data)
+    _expect_int("predict", "batch_size", batch_size)
+    _expect_bool("predict", "tta", tta)
     was_training = model.training
     model.eval()
     out = []

@@ -139,7 +139,9 @@ def load_cifar(name: str, split: str = "train", data_dir: str | Path = "data", d
     """Load ``name`` (``cifar10``, ``cifar100`` or ``synthetic``) and ``split`` (``train``/``test``).
 
     Looks for ``.npz`` arrays in ``data_dir`` first, then torchvision's folder, downloading it when
-    allowed. Raises :class:`DataNotFoundError` with where it looked and how to get the data.
+    allowed. Raises :class:`DataNotFoundError` with where it looked and how to get the data, and
+    :class:`DataFileError` for an ``.npz`` file or a torchvision folder that is there but damaged
+    (naming the file or folder, what is wrong, and what to do).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
@@ -167,6 +169,13 @@ def load_cifar(name: str, split: str = "train", data_dir: str | Path = "data", d
     try:
         ds = cls(root=str(data_dir), train=(split == "train"), download=download and not folder.is_dir())
     except Exception as err:  # torchvision raises RuntimeError (missing) or URLError (offline)
+        if folder.is_dir():  # found (or half-extracted just now), but torchvision refused it
+            raise DataFileError(
+                f"{folder}: torchvision's {name} folder is there but damaged or incomplete "
+                f"({_folder_damage(cls, folder, err)}). Delete the folder and run again: it is then "
+                f"downloaded afresh{'' if download else ' once downloads are allowed (no --no-download)'}; or put "
+                f"arrays {name}_train.npz / {name}_test.npz (x uint8 [N,32,32,3], y int64 [N]) in "
+                f"{data_dir}, or use --dataset synthetic.") from None
         how = ("the download failed (offline?)" if download else "download=False")
         raise DataNotFoundError(
             f"{name} ({split}) not found: looked for {', '.join(str(c) for c in candidates)} and for "
@@ -176,6 +185,24 @@ def load_cifar(name: str, split: str = "train", data_dir: str | Path = "data", d
             f"or use --dataset synthetic."
         ) from err
     return ArrayDataset(np.asarray(ds.data), np.asarray(ds.targets), list(ds.classes), name, str(folder), mean, std)
+
+
+def _folder_damage(cls, folder: Path, err: Exception) -> str:
+    """Which files of torchvision's CIFAR folder are missing or fail their checksum (torchvision
+    checks every one, for either split), else the error that reading them gave."""
+    from torchvision.datasets.utils import check_integrity
+
+    bad = []
+    for filename, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
+        path = folder / filename
+        if not path.is_file():
+            bad.append(f"{filename} missing")
+        elif not check_integrity(str(path), md5):
+            bad.append(f"{filename} fails its checksum")
+    if bad:
+        return "; ".join(bad)
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"its files cannot be read: {type(err).__name__}" + (f": {first}" if first else "")
 
 
 def _default_classes(name: str) -> list[str]:

@@ -26,8 +26,9 @@ written by a background thread (atomically: a temporary file, then a rename), so
 does not wait for the disk. ``resume=True`` continues from the last completed epoch and gives
 exactly the result of an uninterrupted run, because every epoch's shuffling and augmentation are
 drawn from a generator seeded by ``(seed, epoch)``; when ``checkpoint.pt`` is damaged it falls back
-to ``checkpoint-prev.pt`` with a warning (one epoch is repeated). After each epoch the training
-loss, the validation loss and every weight are checked: a NaN or infinity stops the run with
+to ``checkpoint-prev.pt`` with a warning (one epoch is repeated) and moves the damaged file aside to
+``checkpoint.pt.damaged``, so that it never replaces the good previous checkpoint. After each epoch
+the training loss, the validation loss and every weight are checked: a NaN or infinity stops the run with
 :class:`TrainingDiverged`, leaving the last good checkpoint in place.
 """
 from __future__ import annotations
@@ -55,6 +56,16 @@ __all__ = ["PRESETS", "CheckpointError", "ConfigError", "TrainConfig", "Training
            "accuracy", "amp_choice", "evaluate", "fit", "lr_factor", "resolve_device", "load_checkpoint"]
 
 HISTORY, CHECKPOINT, PREVIOUS = "history.json", "checkpoint.pt", "checkpoint-prev.pt"
+#: Where a damaged ``checkpoint.pt`` goes when ``resume`` falls back to the previous checkpoint.
+DAMAGED = CHECKPOINT + ".damaged"
+#: Epoch ``e`` of a run with seed ``s`` draws its shuffling and augmentation from a generator
+#: seeded by ``s * EPOCH_SEED_STRIDE + e``.
+EPOCH_SEED_STRIDE = 100_003
+#: The largest seed: ``SEED_MAX * EPOCH_SEED_STRIDE`` plus any epoch count stays far below 2**64,
+#: the range of a generator's seed.
+SEED_MAX = 2**32 - 1
+#: Images per batch when evaluating (validation and test), whatever the training batch size.
+EVAL_BATCH_SIZE = 1024
 
 class _Presets(dict):
     """The presets by name; an old name (:data:`PRESET_ALIASES`) still looks up its preset, but is
@@ -102,7 +113,14 @@ class ConfigError(ValueError):
 
 
 class CheckpointError(ValueError):
-    """A run directory cannot be resumed (unreadable checkpoints, or files from different runs)."""
+    """A run directory cannot be resumed (unreadable checkpoints, or files from different runs).
+
+    ``path`` and ``reason`` (what is wrong with the file, without advice) are set when one file
+    cannot be read."""
+
+    def __init__(self, message: str, path: Path | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.path, self.reason = path, reason
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,7 +128,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingOutOfMemory(RuntimeError):
-    """The GPU ran out of memory; the message names the batch size and suggests a smaller one."""
+    """The GPU ran out of memory; the message says what was running (training, with its batch size
+    and a smaller one to try; evaluation, whose batch is fixed; or moving the model and data onto it)."""
 
 
 def _is_int(v) -> bool:
@@ -241,7 +260,8 @@ class TrainConfig:
         integer("workers", 0)
         integer("val_size", 0, optional=True)
         integer("train_subset", 1, optional=True)
-        integer("seed", 0)
+        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            bad("seed", f"an integer from 0 to {SEED_MAX} (2**32 - 1)")
         integer("split_seed", 0)
         ms = self.milestones
         if not (isinstance(ms, (list, tuple)) and all(_is_int(m) and m >= 1 for m in ms)
@@ -393,18 +413,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     A file that cannot be read (missing, truncated, not a checkpoint) raises :class:`CheckpointError`
     naming the file and what to do."""
     path = Path(path)
+    advice = "delete it, or train into another --out"
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file", path, "no such file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip, pickle and I/O errors all mean "unreadable"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first}); it is damaged or "
-                              f"not written by attn_lib: delete it, or train into another --out") from None
+        reason = _unreadable_reason(path, err)
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint: {reason}; {advice}", path, reason) from None
     if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) <= set(ckpt):
-        raise CheckpointError(f"{path}: not a training checkpoint of attn_lib (expected the keys "
-                              f"{', '.join(CHECKPOINT_KEYS)}); delete it, or train into another --out")
+        reason = f"not a training checkpoint of attn_lib (expected the keys {', '.join(CHECKPOINT_KEYS)})"
+        raise CheckpointError(f"{path}: {reason}; {advice}", path, reason)
     return ckpt
+
+
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    """What is wrong with a file ``torch.load(weights_only=True)`` refused, in our own words (torch's
+    message can advise ``weights_only=False``, which would run whatever code the file holds)."""
+    import pickle
+
+    if isinstance(err, OSError):
+        return f"the file cannot be opened: {err.strerror or type(err).__name__}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as os_err:
+        return f"the file cannot be opened: {os_err.strerror or type(os_err).__name__}"
+    if not head:
+        return "the file is empty, as after a write that was cut off"
+    if head != b"PK\x03\x04":
+        return "not a checkpoint file, not even the zip archive that torch.save writes"
+    if isinstance(err, pickle.UnpicklingError):
+        return ("it holds Python objects other than tensors and plain values, so attn_lib did not write "
+                "it, and it is not loaded: unpickling such objects can run any code")
+    return "its zip archive is damaged or truncated, as after a write that was cut off"
 
 
 def _data_problems(cfg: TrainConfig, n_full: int, cli: bool) -> tuple[list[str], int]:
@@ -535,31 +577,30 @@ def _finite_weights(model: nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
-def _resume_state(out: Path, cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> dict | None:
-    """The checkpoint to resume from: the latest, else the previous one (with a warning); ``None``
-    when the directory has none. Refuses checkpoints and a history from another run."""
+def _resume_state(out: Path, cfg: TrainConfig, device: torch.device,
+                  log: Callable[[str], None]) -> tuple[dict | None, Path | None]:
+    """The checkpoint to resume from and its file: the latest, else the previous one (with a
+    warning); ``(None, None)`` when the directory has none. Refuses checkpoints and a history from
+    another run. After a fallback the damaged latest is moved aside to :data:`DAMAGED`, so that
+    the next epoch's rotation cannot turn it into the previous checkpoint."""
     latest, previous = out / CHECKPOINT, out / PREVIOUS
     if not latest.exists() and not previous.exists():
-        return None
-    ckpt, damaged = None, []
+        return None, None
+    ckpt, source, damaged = None, None, []
     for path in (latest, previous):
         if not path.exists():
             continue
         try:
-            ckpt = load_checkpoint(path, device)
+            ckpt, source = load_checkpoint(path, device), path
             break
         except CheckpointError as err:
-            damaged.append(str(err))
+            damaged.append(err)
     if ckpt is None:
-        raise CheckpointError(f"cannot resume {out}: " + "; ".join(damaged))
-    if damaged:
-        message = (f"{damaged[0]}. Resuming from {previous.name} instead (after epoch {ckpt['epoch']}): "
-                   f"one epoch is trained again")
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        raise CheckpointError(f"cannot resume {out}: " + "; ".join(str(err) for err in damaged))
     if ckpt["config"] != cfg.to_dict():
         diff = sorted(k for k in ckpt["config"] if ckpt["config"][k] != cfg.to_dict().get(k))
-        raise CheckpointError(f"cannot resume {out}: its config differs in {diff}; use the same options or "
-                              f"another --out")
+        raise CheckpointError(f"cannot resume {out}: {source.name}: config differs in {diff}; use the same "
+                              f"options or another --out")
     hist_path = out / HISTORY
     if hist_path.exists():
         try:
@@ -572,10 +613,16 @@ def _resume_state(out: Path, cfg: TrainConfig, device: torch.device, log: Callab
             n = min(len(epochs), len(saved))
             if hist_config != ckpt["config"] or epochs[:n] != saved[:n] or abs(len(epochs) - len(saved)) > 1:
                 raise CheckpointError(
-                    f"cannot resume {out}: {HISTORY} ({len(epochs)} epochs) and the checkpoint "
+                    f"cannot resume {out}: {HISTORY} ({len(epochs)} epochs) and {source.name} "
                     f"(epoch {ckpt['epoch']}) come from different runs; train into another --out, or "
                     f"delete the file that does not belong")
-    return ckpt
+    if damaged:  # only now, once the previous checkpoint is known to fit: nothing moves on a refusal
+        aside = out / DAMAGED
+        os.replace(latest, aside)
+        warnings.warn(f"{latest} cannot be read: {damaged[0].reason}. It is moved aside to {aside.name}, and "
+                      f"the run resumes from {source} instead (after epoch {ckpt['epoch']}): one epoch is "
+                      f"trained again", RuntimeWarning, stacklevel=3)
+    return ckpt, source
 
 
 def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -586,7 +633,8 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: b
     Every option is checked first (:class:`ConfigError`, one line per problem; ``cli=True`` names
     them as command-line flags); nothing is written before the data and the model are ready.
     ``resume=True`` continues from ``checkpoint.pt`` if it exists (the config must match), or from
-    ``checkpoint-prev.pt`` when the latest is damaged; ``stop_after=N`` ends the call after epoch N
+    ``checkpoint-prev.pt`` when the latest is damaged (which is then moved aside to
+    ``checkpoint.pt.damaged``, with a warning); ``stop_after=N`` ends the call after epoch N
     (resume later): long runs in short sessions. Returns the history dict. Raises
     :class:`TrainingDiverged` on a NaN/inf loss or weight, :class:`TrainingOutOfMemory` when the GPU
     runs out of memory, :class:`CheckpointError` when a run cannot be resumed.
@@ -610,23 +658,31 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: b
         given = " ".join(f"-o {k}={json.dumps(v)}" for k, v in cfg.model_kwargs.items()) if cli else \
             f"model_kwargs {cfg.model_kwargs}"
         raise ConfigError([f"{given or ('--model ' if cli else 'model ') + cfg.model}: {err}"]) from None
-    model = model.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
     fused = device.type == "cuda"
+    try:
+        model = model.to(device)
+        model = model.to(memory_format=memory_format)
+        if cfg.pipeline == "gpu":
+            train_loader = GPULoader(train_set, cfg.batch_size, True, device, cfg.channels_last, drop_last=True)
+            make_eval = lambda ds: GPULoader(ds, EVAL_BATCH_SIZE, False, device, cfg.channels_last)  # noqa: E731
+        else:
+            train_loader = dataloader(train_set, cfg.batch_size, True, cfg.workers,
+                                      pin_memory=device.type == "cuda")
+            make_eval = lambda ds: dataloader(ds, EVAL_BATCH_SIZE, False, cfg.workers,  # noqa: E731
+                                              pin_memory=device.type == "cuda")
+    except torch.cuda.OutOfMemoryError:
+        where = f"the model and the {len(train_set):,} training images" if cfg.pipeline == "gpu" else "the model"
+        raise TrainingOutOfMemory(
+            f"the GPU ran out of memory while {where} were moved onto it, before training began (the batch "
+            f"size plays no part yet): close what else uses the GPU; nothing was written.") from None
     optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias), lr=cfg.lr,
                                 momentum=cfg.momentum, nesterov=cfg.nesterov, **({"fused": True} if fused else {}))
-    if cfg.pipeline == "gpu":
-        train_loader = GPULoader(train_set, cfg.batch_size, True, device, cfg.channels_last, drop_last=True)
-        make_eval = lambda ds: GPULoader(ds, 1024, False, device, cfg.channels_last)  # noqa: E731
-    else:
-        train_loader = dataloader(train_set, cfg.batch_size, True, cfg.workers, pin_memory=device.type == "cuda")
-        make_eval = lambda ds: dataloader(ds, 1024, False, cfg.workers, pin_memory=device.type == "cuda")  # noqa: E731
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     aux_weight = float(getattr(model, "auxiliary_loss_weight", 0.0))
-    ckpt = _resume_state(out, cfg, device, log) if resume else None
+    ckpt, good_path = _resume_state(out, cfg, device, log) if resume else (None, None)
     if resume and ckpt is None:
         log(f"no checkpoint in {out}; starting from scratch")
     compile_now = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
@@ -658,9 +714,10 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: b
     runner = _Runner(model, compile_now)
     writer = _CheckpointWriter(out)
     last_good = start_epoch
+    good_path = good_path or out / CHECKPOINT  # after a fallback resume: checkpoint-prev.pt, until a write
 
     def good_checkpoint() -> str:
-        return (f"the last good checkpoint, after epoch {last_good}, is kept in {out / CHECKPOINT}" if last_good
+        return (f"the last good checkpoint, after epoch {last_good}, is kept in {good_path}" if last_good
                 else "no checkpoint was written")
 
     def diverged(what: str, epoch: int) -> TrainingDiverged:
@@ -681,12 +738,13 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: b
         return logits, loss
 
     check_each_step = device.type == "cpu"  # elsewhere a host sync per step would stall the GPU
-    epoch = start_epoch
+    epoch, phase = start_epoch, "training"
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            phase = "training"
             model.train()
             gen_device = device if cfg.pipeline == "gpu" else torch.device("cpu")
-            generator = torch.Generator(gen_device).manual_seed(cfg.seed * 100_003 + epoch)
+            generator = torch.Generator(gen_device).manual_seed(cfg.seed * EPOCH_SEED_STRIDE + epoch)
             if cfg.pipeline == "gpu":
                 train_loader.generator = generator
                 batches = train_loader
@@ -724,11 +782,13 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: b
             record = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
                       "train_top1": correct.item() / seen * 100, "seconds": seconds}
             if val_set is not None:
+                phase = "validation"
                 v = runner(lambda m: evaluate(m, make_eval(val_set), device, amp_dtype, cfg.tta, cfg.label_smoothing))
                 if not math.isfinite(v["loss"]):
                     raise diverged(f"the validation loss became {v['loss']}", epoch)
                 record.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
             if epoch + 1 == cfg.epochs:  # the test set is looked at once, at the end, never to choose
+                phase = "test"
                 t = runner(lambda m: evaluate(m, make_eval(test_set), device, amp_dtype, cfg.tta, cfg.label_smoothing))
                 record.update(test_loss=t["loss"], test_top1=t["top1"], test_top5=t["top5"])
             history["epochs"].append(record)
@@ -746,16 +806,21 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: b
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "history_epochs": history["epochs"],
             }, history)
-            last_good = epoch + 1
+            last_good, good_path = epoch + 1, out / CHECKPOINT
             if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
                 log(f"stopped after epoch {epoch + 1} as asked; continue with --resume")
                 break
     except torch.cuda.OutOfMemoryError:
+        if phase != "training":
+            raise TrainingOutOfMemory(
+                f"the GPU ran out of memory evaluating the {phase} set at epoch {epoch + 1}, in batches of "
+                f"{EVAL_BATCH_SIZE} images (fixed: --batch-size sets the training batch only): close what "
+                f"else uses the GPU; {good_checkpoint()}.") from None
         half = max(1, cfg.batch_size // 2)
         raise TrainingOutOfMemory(
-            f"the GPU ran out of memory at batch size {cfg.batch_size} (epoch {epoch + 1}): try a smaller "
-            f"one, e.g. --batch-size {half} (with --lr {cfg.lr * half / cfg.batch_size:g} to keep lr per "
-            f"image), or close what else uses the GPU; {good_checkpoint()}.") from None
+            f"the GPU ran out of memory training at batch size {cfg.batch_size} (epoch {epoch + 1}): try a "
+            f"smaller one, e.g. --batch-size {half} (with --lr {cfg.lr * half / cfg.batch_size:g} to keep lr "
+            f"per image), or close what else uses the GPU; {good_checkpoint()}.") from None
     finally:
         writer.close()
     history["meta"]["checkpoint"] = {"writes": writer.writes, "blocking_seconds": writer.blocking,

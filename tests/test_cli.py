@@ -70,3 +70,37 @@ def test_compile_can_be_turned_off():
     args = build_parser().parse_args(["train", "--no-compile", "--out", "x"])
     assert args.compile is False
     assert build_parser().parse_args(["train", "--out", "x"]).compile is None  # the preset's: auto
+
+
+def test_resume_help_mentions_the_fallback():
+    from attn_lib.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    text = " ".join(train.format_help().split())
+    assert "OUT/checkpoint-prev.pt (one epoch trained again, with a warning" in text
+    assert "moved aside to OUT/checkpoint.pt.damaged" in text
+
+
+def test_a_bug_mid_training_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the project's own input errors become a one-line exit 2: a ValueError from inside
+    training is a bug, and must not be reported as "nothing trained, nothing written"."""
+    import attn_lib.train as train_mod
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in evaluation")
+
+    monkeypatch.setattr(train_mod, "evaluate", broken)
+    with pytest.raises(ValueError, match="a bug in evaluation"):
+        main(["train", "--dataset", "synthetic", "--epochs", "1", "--device", "cpu", "--train-subset", "128",
+              "--val-size", "64", "-o", "width=8", "--out", str(tmp_path / "run"), "--no-progress"])
+
+
+def test_input_errors_are_still_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_text("not a checkpoint")
+    code = main(["train", "--dataset", "synthetic", "--epochs", "1", "--device", "cpu", "-o", "width=8",
+                 "--out", str(out), "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a checkpoint file" in err
+    assert "weights_only" not in err

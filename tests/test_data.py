@@ -175,3 +175,46 @@ def test_a_damaged_array_file_names_itself_and_the_format(tmp_path):
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(DataFileError, match="found a file numpy cannot read as arrays"):
         load_cifar("cifar10", "train", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("name, folder_name, files, missing", [
+    ("cifar10", "cifar-10-batches-py", ["data_batch_1", "data_batch_2", "test_batch", "batches.meta"], "data_batch_3"),
+    ("cifar100", "cifar-100-python", ["train", "meta"], "test"),
+])
+def test_a_damaged_torchvision_folder_names_itself_and_what_is_wrong(tmp_path, monkeypatch, name, folder_name,
+                                                                     files, missing):
+    """Junk batch files (and some missing): the folder is named with each bad file, and deleting it
+    is the way to a fresh download; no download is tried meanwhile, and nothing says "offline"."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    from attn_lib.data import DataFileError
+
+    folder = tmp_path / folder_name
+    folder.mkdir()
+    for file in files:
+        (folder / file).write_bytes(b"junk, not a pickled batch")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_network)
+    for download in (True, False):
+        with pytest.raises(DataFileError) as err:
+            load_cifar(name, "train", tmp_path, download=download)
+        msg = str(err.value)
+        assert msg.startswith(f"{folder}: torchvision's {name} folder is there but damaged or incomplete")
+        assert f"{files[0]} fails its checksum" in msg and "Delete the folder and run again" in msg
+        assert "downloaded afresh" in msg and "offline" not in msg and "not found" not in msg
+        assert f"{name}_train.npz" in msg and "--dataset synthetic" in msg and f"{missing} missing" in msg
+
+
+def test_a_chapter_does_not_call_a_damaged_folder_missing(tmp_path, capsys):
+    from attn_lib import course
+    from attn_lib.data import DataFileError
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(b"junk")
+    with pytest.raises(DataFileError, match="damaged or incomplete"):
+        course.chapter_data("test", tmp_path)
+    assert "no network" not in capsys.readouterr().out

@@ -172,15 +172,91 @@ def test_the_previous_checkpoint_is_kept_and_a_truncated_latest_resumes_exactly(
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a write cut off half-way
     with pytest.raises(CheckpointError, match="checkpoint.pt: cannot be read as a checkpoint"):
         load_checkpoint(latest)
+    damaged_bytes = latest.read_bytes()
     lines = []
-    with pytest.warns(RuntimeWarning, match=r"checkpoint.pt: cannot be read.*Resuming from checkpoint-prev.pt"):
+    with pytest.warns(RuntimeWarning) as caught:
         resumed = fit(cfg, part, resume=True, progress=False, log=lines.append)
+    (warning,) = [str(w.message) for w in caught if "cannot be read" in str(w.message)]
+    assert f"{latest} cannot be read: its zip archive is damaged or truncated" in warning
+    assert "moved aside to checkpoint.pt.damaged" in warning
+    assert f"resumes from {part / 'checkpoint-prev.pt'}" in warning
     assert "resuming" in lines[0] and "after epoch 1" in lines[0]
     assert strip(resumed) == strip(full)
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = load_checkpoint(latest)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((part / "history.json").read_text())["epochs"] == resumed["epochs"]
+    # the damaged file was set aside, never rotated into the previous checkpoint: that one is epoch 2
+    # of the resumed run, loadable, and resuming from it alone still gives the uninterrupted run
+    assert (part / "checkpoint.pt.damaged").read_bytes() == damaged_bytes
+    previous = load_checkpoint(part / "checkpoint-prev.pt")
+    assert previous["epoch"] == 2 and load_checkpoint(latest)["epoch"] == 3
+    latest.unlink()
+    again = fit(cfg, part, resume=True, progress=False, log=lambda s: None)
+    assert strip(again) == strip(full)
+    b = load_checkpoint(latest)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_that_diverges_after_a_fallback_names_the_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny(epochs=3, train_subset=192, val_size=64)  # 2 steps of 64 per epoch
+    fit(cfg, tmp_path, progress=False, log=lambda s: None, stop_after=2)
+    latest, previous = tmp_path / "checkpoint.pt", tmp_path / "checkpoint-prev.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    _poison_in_epoch(monkeypatch, "train", 1, 2)  # the first epoch this call trains: epoch 2
+    with pytest.warns(RuntimeWarning, match="moved aside"), pytest.raises(TrainingDiverged) as err:
+        fit(cfg, tmp_path, resume=True, progress=False, log=lambda s: None)
+    assert "at epoch 2" in str(err.value)
+    assert f"the last good checkpoint, after epoch 1, is kept in {previous}" in str(err.value)
+    assert not latest.exists() and load_checkpoint(previous)["epoch"] == 1
+
+
+def test_a_refused_resume_moves_nothing(tmp_path):
+    cfg = tiny(epochs=3, train_subset=192, val_size=64)
+    fit(cfg, tmp_path, progress=False, log=lambda s: None, stop_after=2)
+    latest = tmp_path / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError, match=r"checkpoint-prev.pt: config differs in \['lr'\]"):
+        fit(tiny(epochs=3, train_subset=192, val_size=64, lr=0.05), tmp_path, resume=True, progress=False,
+            log=lambda s: None)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def _not_a_zip(path):
+    path.write_bytes(bytes(range(256)) * 4)
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+def _arbitrary_objects(path):
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)  # a whole module: pickled classes, not tensors
+
+
+def _plain_dict(path):
+    torch.save({"weights": torch.zeros(2)}, path)
+
+
+UNREADABLE = {
+    "not a zip archive": (_not_a_zip, "not a checkpoint file"),
+    "empty": (_empty, "the file is empty"),
+    "pickled objects": (_arbitrary_objects, "objects other than tensors"),
+    "another dict": (_plain_dict, "not a training checkpoint of attn_lib"),
+}
+
+
+@pytest.mark.parametrize("write, reason", UNREADABLE.values(), ids=UNREADABLE.keys())
+def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(tmp_path, write, reason):
+    path = tmp_path / "checkpoint.pt"
+    write(path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and reason in message and "delete it" in message
+    assert "weights_only" not in message and "\n" not in message
+    assert err.value.path == path and reason in err.value.reason
 
 
 def test_a_history_from_another_run_is_refused(tmp_path):
@@ -250,9 +326,49 @@ def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(train_mod, "build_model", build)
-    with pytest.raises(TrainingOutOfMemory, match=r"out of memory at batch size 64 \(epoch 1\): try a smaller one, "
-                                                  r"e.g. --batch-size 32"):
+    with pytest.raises(TrainingOutOfMemory, match=r"out of memory training at batch size 64 \(epoch 1\): try a "
+                                                  r"smaller one, e.g. --batch-size 32"):
         fit(tiny(epochs=1), tmp_path, progress=False, log=lambda s: None)
+
+
+def test_out_of_memory_in_evaluation_is_not_blamed_on_the_batch_size(tmp_path, monkeypatch):
+    real = train_mod.build_model
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+        plain = model.forward
+
+        def forward(x, **kw):
+            if not model.training:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return plain(x, **kw)
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build)
+    with pytest.raises(TrainingOutOfMemory) as err:
+        fit(tiny(epochs=1), tmp_path, progress=False, log=lambda s: None)
+    message = str(err.value)
+    assert "evaluating the validation set at epoch 1, in batches of 1024 images" in message
+    assert "--batch-size sets the training batch only" in message and "try a smaller one" not in message
+
+
+def test_out_of_memory_before_training_writes_nothing(tmp_path, monkeypatch):
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train_mod, "GPULoader", no_room)
+    with pytest.raises(TrainingOutOfMemory, match="before training began .*nothing was written"):
+        fit(tiny(epochs=1, pipeline="gpu"), tmp_path / "run", progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_seed_fits_the_per_epoch_generator():
+    assert train_mod.SEED_MAX * train_mod.EPOCH_SEED_STRIDE + 10**9 < 2**64
+    torch.Generator().manual_seed(train_mod.SEED_MAX * train_mod.EPOCH_SEED_STRIDE + 10**6)
+    assert tiny(seed=train_mod.SEED_MAX).problems() == []
+    assert tiny(seed=train_mod.SEED_MAX + 1).problems() == [
+        f"seed {train_mod.SEED_MAX + 1}: expected an integer from 0 to 4294967295 (2**32 - 1)"]
 
 
 def test_a_compile_failure_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attn_lib import results
+from attn_lib import course, results
 from attn_lib.cli import main
 from attn_lib.inspect import collect_attention, grad_cam
 from attn_lib.models import resnet18
@@ -46,7 +46,12 @@ ROWS = {
     "batch larger than the training images": (["--batch-size", "600"],
                                               "--batch-size 600: expected at most 512"),
     "unknown device": (["--device", "tpu"], "--device 'tpu': expected device cpu, cuda, mps or auto"),
-    "negative seed": (["--seed", "-1"], "--seed -1: expected an integer >= 0"),
+    "negative seed": (["--seed", "-1"], "--seed -1: expected an integer from 0 to 4294967295 (2**32 - 1)"),
+    # beyond 2**32 - 1 the per-epoch generator's seed (seed * 100003 + epoch) could pass 64 bits
+    "seed beyond 64 bits": (["--seed", str(2**64)],
+                            f"--seed {2**64}: expected an integer from 0 to 4294967295 (2**32 - 1)"),
+    "seed whose epoch seeds pass 64 bits": (["--seed", "200000000000000"],
+                                            "--seed 200000000000000: expected an integer from 0 to 4294967295"),
     "stop after 0": (["--stop-after", "0"], "--stop-after 0: expected an integer >= 1"),
     "bad model option": (["-o", "width=0"], "-o width=0: expected width to be a positive integer"),
     "option without attention": (["-o", "reduction=4"], "attention options ['reduction'] given without an attention"),
@@ -121,6 +126,29 @@ def test_an_unreadable_data_file_is_named_with_the_expected_format(tmp_path, cap
     assert "x uint8 [N, 32, 32, 3] and y int64 [N]" in lines[0] and found in lines[0], err
 
 
+def _junk_folder(data):
+    folder = data / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "batches.meta"):
+        (folder / name).write_bytes(b"not a CIFAR batch")
+    return folder
+
+
+@pytest.mark.parametrize("download", [True, False], ids=["download allowed", "no download"])
+def test_a_damaged_torchvision_folder_is_named_not_reported_missing(tmp_path, capsys, download):
+    data = tmp_path / "data"
+    folder = _junk_folder(data)
+    out = tmp_path / "run"
+    args = ["--dataset", "cifar10", "--data-dir", str(data), "--device", "cpu", "--no-progress"]
+    code, err = run_cli(args + ([] if download else ["--no-download"]), out, capsys)
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {folder}: "), err
+    assert "damaged or incomplete" in lines[0] and "data_batch_1 fails its checksum" in lines[0], err
+    assert "test_batch missing" in lines[0] and "Delete the folder" in lines[0], err
+    assert "not found" not in lines[0] and "offline" not in lines[0], err
+
+
 def test_a_truncated_checkpoint_without_a_previous_one_names_the_file(tmp_path, capsys):
     out = tmp_path / "run"
     args = TINY + ["--epochs", "2", "--train-subset", "128", "--val-size", "0"]
@@ -132,7 +160,29 @@ def test_a_truncated_checkpoint_without_a_previous_one_names_the_file(tmp_path, 
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and str(ckpt) in lines[0] and "delete it" in lines[0], err
+    assert "damaged or truncated" in lines[0] and "weights_only" not in lines[0], err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_damaged_latest_checkpoint_falls_back_with_one_warning_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # Python's own, past pytest's catcher
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show)
+    out = tmp_path / "run"
+    args = TINY + ["--epochs", "3", "--train-subset", "128", "--val-size", "0"]
+    assert run_cli(args + ["--stop-after", "2"], out, capsys)[0] == 0
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(b"")
+    code, err = run_cli(args + ["--resume"], out, capsys)
+    assert code == 0 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {ckpt} cannot be read: the file is empty"), err
+    assert "moved aside to checkpoint.pt.damaged" in lines[0] and str(out / "checkpoint-prev.pt") in lines[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-prev.pt", "checkpoint.pt", "checkpoint.pt.damaged",
+                                                     "history.json"]
 
 
 def test_the_cli_itself_exits_2_without_a_traceback(tmp_path):
@@ -217,7 +267,70 @@ ENTRY_POINTS = {
                                      r"expected target of shape \[2\]"),
     "grad_cam with a class that does not exist": (lambda: _grad_cam_target(torch.tensor([1, 10])), ValueError,
                                                   "class indices in 0..9"),
+    "predict with a model's name": (lambda: course.predict("resnet18", _images()), TypeError,
+                                    r"predict: expected model as a network \(an nn.Module\), got str 'resnet18'"),
+    "predict with a tensor of images": (lambda: course.predict(_net(), torch.zeros(2, 3, 32, 32)), TypeError,
+                                        "predict: expected data as an ArrayDataset .* got Tensor: pass the "
+                                        "dataset itself"),
+    "predict with batch size 0": (lambda: course.predict(_net(), _images(), batch_size=0), ValueError,
+                                  "predict: expected batch_size >= 1, got 0"),
+    "predict with a string batch size": (lambda: course.predict(_net(), _images(), batch_size="64"), TypeError,
+                                         "predict: expected batch_size as an integer >= 1, got str '64'"),
+    "predict with tta as a string": (lambda: course.predict(_net(), _images(), tta="no"), TypeError,
+                                     "predict: expected tta as True or False, got str 'no'"),
+    "normalised_images of an array": (lambda: course.normalised_images(np.zeros((2, 32, 32, 3), np.uint8)),
+                                      TypeError, "normalised_images: expected data as an ArrayDataset .* got "
+                                                 "ndarray"),
+    "normalised_images of one index": (lambda: course.normalised_images(_images(), 3), TypeError,
+                                       r"normalised_images: expected indices as a slice or a list .*\[i\]"),
+    "train_or_load with no names": (lambda: course.train_or_load("02_se", None, full=False,
+                                                                 recorded="cifar10-h200-r18"), TypeError,
+                                    r"train_or_load: expected names as a list such as \['none', 'se'\], got "
+                                    "NoneType"),
+    "train_or_load with one name as a string": (lambda: course.train_or_load("02_se", "se", full=False,
+                                                                             recorded="cifar10-h200-r18"),
+                                                TypeError, "expected a list of attention names, got the string"),
+    "train_or_load with a name that is not a string": (lambda: course.train_or_load(
+        "02_se", ["none", None], full=False, recorded="cifar10-h200-r18"), TypeError, "but it holds NoneType"),
+    "train_or_load with one seed as a number": (lambda: course.train_or_load("02_se", ["se"], full=False,
+                                                                             recorded="cifar10-h200-r18", seeds=0),
+                                                TypeError, r"expected seeds as a list such as \(0, 1, 2\), got int 0"),
+    "train_or_load with seeds as strings": (lambda: course.train_or_load("02_se", ["se"], full=False,
+                                                                         recorded="cifar10-h200-r18", seeds="012"),
+                                            TypeError, "expected seeds as a list .* got the string '012'"),
+    "train_or_load with a negative seed": (lambda: course.train_or_load("02_se", ["se"], full=False,
+                                                                        recorded="cifar10-h200-r18", seeds=[-1]),
+                                           ValueError, r"expected seeds >= 0, got \[-1\]"),
+    "train_or_load with no seeds": (lambda: course.train_or_load("02_se", ["se"], full=False,
+                                                                 recorded="cifar10-h200-r18", seeds=[]),
+                                    ValueError, "expected at least one item in seeds"),
+    "train_or_load with full as a string": (lambda: course.train_or_load("02_se", ["se"], full="False",
+                                                                         recorded="cifar10-h200-r18"),
+                                            TypeError, "train_or_load: expected full as True or False, got str"),
+    "train_or_load with overrides as a list": (lambda: course.train_or_load(
+        "02_se", ["se"], full=False, recorded="cifar10-h200-r18", overrides=[("epochs", 5)]), TypeError,
+        "expected overrides as a dict of options"),
+    "step_seconds with a model's name": (lambda: course.step_seconds("resnet18"), TypeError,
+                                         "step_seconds: expected model as a network .* build the network first"),
+    "step_seconds with a float batch": (lambda: course.step_seconds(_net(), batch=2.5), TypeError,
+                                        "step_seconds: expected batch as an integer >= 1, got float 2.5"),
+    "model_cost of a name": (lambda: course.model_cost("resnet18"), TypeError,
+                             "model_cost: expected model as a network"),
+    "step_time_ratios of a list": (lambda: course.step_time_ratios([_net()]), TypeError,
+                                   "step_time_ratios: expected models as a dict"),
+    "cmp of a list": (lambda: course.cmp("gates", [1.0], torch.ones(1)), TypeError,
+                      r"cmp\('gates'\): expected got as a torch.Tensor, got list"),
 }
+
+
+def _net():
+    return resnet18(10, width=8)
+
+
+def _images():
+    from attn_lib.data import make_synthetic
+
+    return make_synthetic(4)
 
 
 @pytest.mark.parametrize("call, error, message", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
@@ -250,3 +363,26 @@ def test_checker_arguments_raise_one_clear_exception(kwargs, error, message):
 def test_right_checker_arguments_pass():
     expect_arguments("check_squeeze_excitation", cls=SqueezeExcitation, channels=32, reduction=8, official=True)
     expect_arguments("check_accuracy", fn=lambda logits, target, k: 0.0)
+    expect_arguments("check_paired_interval", fn=len, reals={"confidence": 0.9})
+    expect_arguments("check_training_step", fn=len, reals={"aux_weight": 0}, flags={"official": False})
+
+
+REAL_AND_FLAG_ARGUMENTS = {
+    "confidence of 1.5": (dict(reals={"confidence": 1.5}), ValueError,
+                          "expected confidence as a finite number strictly between 0 and 1, e.g. 0.95, got 1.5"),
+    "confidence as a string": (dict(reals={"confidence": "0.95"}), TypeError, "got str '0.95'"),
+    "confidence nan": (dict(reals={"confidence": float("nan")}), ValueError, "got nan"),
+    "a weight as True": (dict(reals={"aux_weight": True}), TypeError, "expected aux_weight as a finite number"),
+    "a negative weight": (dict(reals={"aux_weight": -0.5}), ValueError, "expected aux_weight as a finite number >= 0"),
+    "a flag as a string": (dict(flags={"official": "yes"}), TypeError,
+                           "expected official as True or False, got str 'yes'"),
+    "a flag as 1": (dict(flags={"official": 1}), TypeError, "expected official as True or False, got int 1"),
+}
+
+
+@pytest.mark.parametrize("kwargs, error, message", REAL_AND_FLAG_ARGUMENTS.values(),
+                         ids=REAL_AND_FLAG_ARGUMENTS.keys())
+def test_real_and_flag_arguments_raise_one_clear_exception(kwargs, error, message):
+    with pytest.raises(error) as err:
+        expect_arguments("check_x", **kwargs)
+    assert str(err.value).startswith("check_x: expected ") and message in str(err.value), err.value

@@ -73,13 +73,27 @@ def compare(got: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 
     return f"matches (max abs difference {diff:.1e})"
 
 
-def expect_arguments(checker: str, *, cls=None, fn=None, **numbers) -> None:
+#: Ranges of the real-valued checker arguments that have one (others: any finite number), as
+#: ``name: (test, what is allowed)``.
+REAL_RANGES = {
+    "confidence": (lambda v: 0 < v < 1, "strictly between 0 and 1, e.g. 0.95"),
+    "aux_weight": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def expect_arguments(checker: str, *, cls=None, fn=None, reals: dict | None = None, flags: dict | None = None,
+                     **numbers) -> None:
     """The arguments every checker takes, checked before any check runs: one clear exception.
 
     ``cls``: a class (or factory) the checker will build, not an instance; ``fn``: a function;
-    ``numbers``: positive integers (``channels=32``) or booleans (a value that is already a
-    ``bool``). Raises ``TypeError`` for a wrong kind of argument, ``ValueError`` for a number
-    out of range, each naming the checker, the argument, what was expected and what came."""
+    ``numbers``: positive integers (``channels=32``; a value that is already a ``bool`` is let
+    through, as a flag); ``reals``: finite real numbers (``confidence=0.95``), within
+    :data:`REAL_RANGES` where their name has a range; ``flags``: ``True`` or ``False``
+    (``official=True``). Raises ``TypeError`` for a wrong kind of argument, ``ValueError`` for a
+    number out of range, each naming the checker, the argument, what was expected and what came."""
+    import math
+    import numbers as _numbers
+
     if cls is not None:
         if isinstance(cls, torch.nn.Module):
             name = type(cls).__name__
@@ -97,6 +111,16 @@ def expect_arguments(checker: str, *, cls=None, fn=None, **numbers) -> None:
             raise TypeError(f"{checker}: expected {name} as an integer, got {type(value).__name__} {value!r}")
         if value < 1:
             raise ValueError(f"{checker}: expected {name} >= 1, got {value}")
+    for name, value in (reals or {}).items():
+        test, allowed = REAL_RANGES.get(name, (lambda v: True, ""))
+        wanted = f"{name} as a finite number" + (f" {allowed}" if allowed else "")
+        if isinstance(value, bool) or not isinstance(value, _numbers.Real):
+            raise TypeError(f"{checker}: expected {wanted}, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value) or not test(value):
+            raise ValueError(f"{checker}: expected {wanted}, got {value!r}")
+    for name, value in (flags or {}).items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{checker}: expected {name} as True or False, got {type(value).__name__} {value!r}")
 
 
 #: The first parameter of a checker that receives the student's class, or the student's function.
@@ -106,29 +130,39 @@ _CLASS_PARAMETERS, _FUNCTION_PARAMETERS = ("cls",), ("fn", "select", "step")
 def validate_checkers(namespace: dict) -> None:
     """Wrap every ``check_*`` function of a checker module so that its arguments go through
     :func:`expect_arguments` first: a class where a class is expected (not an instance), a function
-    where a function is expected, sizes as positive integers. Answers (a set of letters, a dict of
-    shapes) are left to the checker, which reports on them."""
+    where a function is expected, ``int`` parameters as positive integers (not ``True``),
+    ``float`` parameters as finite numbers in their range, ``bool`` parameters as ``True`` or
+    ``False``. Answers (a set of letters, a dict of shapes) are left to the checker, which reports
+    on them."""
     import functools
     import inspect
+
+    def of_type(params, kind) -> list[str]:
+        return [p.name for p in params[1:] if p.annotation in (kind, kind.__name__)]
 
     for name, checker in list(namespace.items()):
         if not (name.startswith("check_") and inspect.isfunction(checker)) or hasattr(checker, "__wrapped__"):
             continue
         signature = inspect.signature(checker)
         params = list(signature.parameters.values())
+        kinds_of = {"int": of_type(params, int), "float": of_type(params, float), "bool": of_type(params, bool)}
 
         @functools.wraps(checker)
-        def wrapper(*args, _checker=checker, _signature=signature, _params=params, **kwargs):
+        def wrapper(*args, _checker=checker, _signature=signature, _params=params, _kinds=kinds_of, **kwargs):
             try:
                 bound = _signature.bind(*args, **kwargs)
             except TypeError as err:
                 raise TypeError(f"{_checker.__name__}{_signature}: {err}") from None
             bound.apply_defaults()
+            given = bound.arguments
             first = _params[0].name
-            kinds = {"cls": bound.arguments[first]} if first in _CLASS_PARAMETERS else \
-                {"fn": bound.arguments[first]} if first in _FUNCTION_PARAMETERS else {}
-            numbers = {p.name: bound.arguments[p.name] for p in _params[1:] if p.annotation in (int, "int")}
-            expect_arguments(_checker.__name__, **kinds, **numbers)
+            kinds = {"cls": given[first]} if first in _CLASS_PARAMETERS else \
+                {"fn": given[first]} if first in _FUNCTION_PARAMETERS else {}
+            for size in _kinds["int"]:
+                if isinstance(given[size], bool):  # True would pass as the integer 1
+                    raise TypeError(f"{_checker.__name__}: expected {size} as an integer, got bool {given[size]}")
+            expect_arguments(_checker.__name__, **kinds, reals={n: given[n] for n in _kinds["float"]},
+                             flags={n: given[n] for n in _kinds["bool"]}, **{n: given[n] for n in _kinds["int"]})
             return _checker(*args, **kwargs)
 
         namespace[name] = wrapper
