@@ -21,7 +21,7 @@ from . import results
 
 __all__ = ["MECHANISMS", "EXPERIMENTS", "mechanism_table", "format_table", "missing",
            "seeds_needed", "paired_power", "experiment_group", "difference_by_epoch", "gallery_models",
-           "attention_views"]
+           "attention_views", "experiments_estimate"]
 
 #: The mechanisms in course order: ``(name, label, backbone)``.
 MECHANISMS = (("se", "SE", "resnet18"), ("eca", "ECA", "resnet18"), ("sk", "SK", "resnet18"),
@@ -50,6 +50,24 @@ def experiment_group(key: str) -> str:
     if key not in EXPERIMENTS:
         raise ValueError(f"expected an experiment of {', '.join(EXPERIMENTS)}, got {key!r}")
     return f"cifar10-cpu-{key}"
+
+
+def experiments_estimate(seeds: Sequence[int] = (0, 1, 2)) -> dict[str, float | str]:
+    """Full mode's estimated GPU minutes for the whole experiment grid (plain and SE, ``seeds``).
+
+    :func:`attn_lib.course.full_mode_estimate` per experiment, at its epochs and training images.
+    Its speed per image is the full-width ResNet-18's, so for these narrower networks it should
+    overstate the time; an estimate, not a measurement.
+    """
+    from .course import full_mode_estimate
+
+    total = {"H100-class minutes": 0.0, "T4-class minutes": 0.0}
+    for spec in EXPERIMENTS.values():
+        got = full_mode_estimate(["none", "se"], seeds, epochs=EXPERIMENT_EPOCHS,
+                                 train_images=spec["train_subset"] - EXPERIMENT_VAL_SIZE)
+        for key in total:
+            total[key] += got[key]
+    return {**total, "basis": got["basis"] + ", at full width"}
 
 
 # ----------------------------------------------------------------------------- the table

@@ -91,6 +91,8 @@ def test_the_gallery_plots_every_recorded_network():
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from attn_lib.plotting import plot_gallery
     from attn_lib.inspect import grad_cam
 
@@ -101,6 +103,10 @@ def test_the_gallery_plots_every_recorded_network():
     cams = {n: grad_cam(m, x, compare.cam_layer(m)).numpy() for n, m in models.items()}
     fig = plot_gallery(np.zeros((32, 32, 3)), views, cams, index=1, title="t")
     assert len(fig.axes) == 2 * len(models)
+    from attn_lib.plotting import figure_png
+
+    png = figure_png(fig, dpi=50)   # what the chapter's image widget shows
+    assert png.startswith(b"\x89PNG") and not plt.fignum_exists(fig.number)
 
 
 def test_checkers_pass_the_reference_and_name_the_usual_mistakes():
@@ -162,3 +168,17 @@ def test_the_recorded_experiments_are_the_declared_design(key):
             assert cfg["model_kwargs"].get("reduction", 16) == (
                 spec["reduction"] if name == "se" else 16)
             assert not results.commit_label(meta).endswith("-dirty")
+
+
+def test_experiments_estimate_sums_the_grid_and_scales_with_seeds():
+    from attn_lib.course import full_mode_estimate
+
+    one, three = compare.experiments_estimate((0,)), compare.experiments_estimate((0, 1, 2))
+    parts = [full_mode_estimate(["none", "se"], (0,), epochs=compare.EXPERIMENT_EPOCHS,
+                                train_images=spec["train_subset"] - compare.EXPERIMENT_VAL_SIZE)
+             for spec in compare.EXPERIMENTS.values()]
+    for key in ("H100-class minutes", "T4-class minutes"):
+        assert one[key] == pytest.approx(sum(p[key] for p in parts))
+        assert three[key] == pytest.approx(3 * one[key])
+    assert one["H100-class minutes"] < one["T4-class minutes"]
+    assert "full width" in one["basis"]
