@@ -10,6 +10,9 @@ the checkout), so a later run of the notebook itself resumes or reuses them.
     python -m attn_lib chapter time --out attn_lib/results/chapters-cpu.json   # quick mode, timed
     python -m attn_lib chapter run 05_danet --full          # full mode, on the GPU if there is one
     ATTN_LIB_TOY=1 python -m attn_lib chapter run 05_danet --full   # the same code at toy size
+
+``--json-out FILE`` also writes the runs full mode planned (``planned``) and, for every network and
+seed each training cell got, whether it was trained now or recorded (``runs``).
 """
 from __future__ import annotations
 
@@ -48,8 +51,11 @@ def list_chapters() -> list[str]:
     return sorted(p.stem for p in _notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
 
 
-def chapter_path(name: str) -> Path:
-    """The notebook of chapter ``name``: its full name, its number (``5``) or a unique prefix."""
+def chapter_path(name: str | Path) -> Path:
+    """The notebook of chapter ``name``: its full name, its number (``5``), a unique prefix, or the
+    path of a notebook file (a student's copy, say)."""
+    if str(name).endswith(".ipynb") and Path(name).is_file():
+        return Path(name)
     names = list_chapters()
     key = str(name).removesuffix(".ipynb")
     if key.isdigit():
@@ -60,8 +66,10 @@ def chapter_path(name: str) -> Path:
     return _notebooks_dir() / f"{matches[0]}.ipynb"
 
 
-def code_cells(path: Path, full: bool) -> list[str]:
-    """The chapter's code cells as Python source, with the first cell's switch set to ``full``.
+def code_cells(path: Path, full: bool, until_tag: str | None = None) -> list[str]:
+    """The chapter's code cells as Python source, with the first cell's switch set to ``full``;
+    with ``until_tag``, only those before the first cell carrying that tag (``"exercise-stub"``:
+    what a student's copy runs before its first exercise).
 
     IPython-only lines (``%magic``, ``!shell``) become ``pass`` (the course's chapters need none of
     them outside Colab's install branch).
@@ -70,7 +78,13 @@ def code_cells(path: Path, full: bool) -> list[str]:
         notebook = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ChapterError(f"cannot read {path}: {err}") from err
-    cells = ["".join(c["source"]) for c in notebook.get("cells", []) if c.get("cell_type") == "code"]
+    every = notebook.get("cells", [])
+    if until_tag is not None:
+        stop = next((i for i, c in enumerate(every) if until_tag in c.get("metadata", {}).get("tags", [])), None)
+        if stop is None:
+            raise ChapterError(f"{path}: no cell is tagged {until_tag!r}")
+        every = every[:stop]
+    cells = ["".join(c["source"]) for c in every if c.get("cell_type") == "code"]
     if not cells or not FULL_SWITCH.search(cells[0]):
         raise ChapterError(f"{path}: the first code cell must set FULL = True/False")
     cells[0] = FULL_SWITCH.sub(f"FULL = {full}", cells[0], count=1)
@@ -87,8 +101,15 @@ def strip_magics(source: str) -> str:
     return "\n".join(lines)
 
 
-def run_chapter(name: str, full: bool = False, log=print) -> dict:
-    """Execute chapter ``name`` as a script; returns ``{"cells": n, "seconds": t}``.
+def run_chapter(name: str | Path, full: bool = False, log=print, until_tag: str | None = None,
+                workdir: str | Path | None = None) -> dict:
+    """Execute chapter ``name`` as a script; returns ``{"cells": n, "seconds": t, "runs": [...]}``.
+
+    ``until_tag``: stop before the first cell with that tag (see :func:`code_cells`). ``workdir``:
+    where the cells run (default: the notebook's folder, as a kernel would). ``runs`` lists what
+    each call of :func:`attn_lib.course.train_or_load` gave the chapter, one entry per network and
+    seed: ``{"chapter", "name", "seed", "trained_now", "dataset", "epochs"}``, so that a caller
+    can check that full mode's cells got freshly trained runs, not recorded ones.
 
     Raises :class:`ChapterError` naming the cell (its number among the code cells and first line)
     when one fails.
@@ -98,11 +119,16 @@ def run_chapter(name: str, full: bool = False, log=print) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from . import course
+
     path = chapter_path(name)
-    cells = code_cells(path, full)
+    cells = code_cells(path, full, until_tag=until_tag)
     namespace = {"__name__": "__main__", "display": _display}
     start, cwd = time.perf_counter(), Path.cwd()
-    os.chdir(path.parent)
+    runs: list[dict] = []
+    train_or_load = course.train_or_load
+    course.train_or_load = _recording(train_or_load, runs)  # the chapter imports it from here
+    os.chdir(workdir or path.parent)
     try:
         for i, source in enumerate(cells, start=1):
             first = next((ln for ln in source.splitlines() if ln.strip()), "")[:70]
@@ -116,7 +142,26 @@ def run_chapter(name: str, full: bool = False, log=print) -> dict:
                 plt.close("all")
     finally:
         os.chdir(cwd)
-    return {"cells": len(cells), "seconds": time.perf_counter() - start}
+        course.train_or_load = train_or_load
+    return {"cells": len(cells), "seconds": time.perf_counter() - start, "runs": runs}
+
+
+def _recording(train_or_load, runs: list[dict]):
+    """``train_or_load`` that also appends, for each run it returns, where that run came from."""
+    import functools
+
+    @functools.wraps(train_or_load)
+    def recorded(chapter, names, *args, **kwargs):
+        got = train_or_load(chapter, names, *args, **kwargs)
+        for name, by_seed in got.items():
+            for seed, history in by_seed.items():
+                runs.append({"chapter": chapter, "name": name, "seed": int(seed),
+                             "trained_now": bool(history.get("meta", {}).get("trained_now")),
+                             "dataset": history.get("config", {}).get("dataset"),
+                             "epochs": len(history.get("epochs", []))})
+        return got
+
+    return recorded
 
 
 def _display(*objects, **_kwargs) -> None:
@@ -146,6 +191,7 @@ def time_chapters(names: list[str] | None = None, command: str | None = None) ->
             if done.returncode != 0:
                 raise ChapterError(f"{stem} failed in quick mode: {done.stderr.strip()[-1500:]}")
             row = json.loads(out.read_text())
+            row.pop("runs", None)  # quick mode's recorded runs: not part of the timing record
         estimate = {"H100-class minutes": 0.0, "T4-class minutes": 0.0}
         for plan in row["planned"]:
             got = full_mode_estimate(plan["names"], plan["seeds"], model=plan["model"],
@@ -165,6 +211,7 @@ def time_chapters(names: list[str] | None = None, command: str | None = None) ->
 
 def times_table(record: dict) -> str:
     """The Markdown table of a ``chapter time`` record, for the teachers' page."""
+    from . import results
     from .classroom import exercises
 
     lines = ["| chapter | quick mode, CPU (measured) | full mode, H100-class GPU (estimated) | "
@@ -173,9 +220,9 @@ def times_table(record: dict) -> str:
         est = row["full_mode_estimate"]
         lines.append(f"| {row['chapter']} | {row['seconds']:.0f} s | {est['H100-class minutes']:.0f} min | "
                      f"{est['T4-class minutes']:.0f} min | {len(exercises(row['chapter']))} |")
-    commit = record.get("git_commit") or "unknown"
+    commit = results.commit_label(record)
     lines += ["", f"Quick mode: wall-clock time of each chapter run as a script, one at a time, on "
-                  f"{record['device_name']} (torch {record['torch']}, commit {commit[:10]}), recorded in "
+                  f"{record['device_name']} (torch {record['torch']}, commit {commit}), recorded in "
                   f"`attn_lib/results/chapters-cpu.json` by `{record['command']}`. Full mode: the training "
                   f"its runs need, estimated from the GPU benchmarks recorded on an NVIDIA H200 "
                   f"(`attn_lib.course.full_mode_estimate`: an H100 has the same compute; a T4 is scaled by "
