@@ -140,6 +140,21 @@ def _expect_list(fn: str, name: str, value, of: type, example: str) -> list:
 #: What the chapters' training cells asked :func:`train_or_load` for, in this process (quick mode
 #: included): ``python -m attn_lib chapter time`` turns it into full mode's time estimates.
 PLANNED_RUNS: list[dict] = []
+#: What :func:`train_or_load` gave the chapters, in this process: one entry per network and seed,
+#: ``{"chapter", "name", "seed", "trained_now", "dataset", "epochs"}``, so that a test of full mode
+#: can check that the training cells got freshly trained runs, not recorded ones.
+DELIVERED_RUNS: list[dict] = []
+
+
+def _delivered(chapter: str, runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """``runs``, noted in :data:`DELIVERED_RUNS`."""
+    for name, by_seed in runs.items():
+        for seed, history in by_seed.items():
+            DELIVERED_RUNS.append({"chapter": chapter, "name": name, "seed": int(seed),
+                                   "trained_now": bool(history.get("meta", {}).get("trained_now")),
+                                   "dataset": history.get("config", {}).get("dataset"),
+                                   "epochs": len(history.get("epochs", []))})
+    return runs
 
 
 def run_label(history: dict) -> str:
@@ -198,8 +213,8 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
         missing = [n for n in names if n not in stored]
         if missing:
             print(f"not in the recorded runs {recorded!r}: {', '.join(missing)}")
-        return {n: {s: h for s, h in stored[n].items() if s in seeds} or stored[n]
-                for n in names if n in stored}
+        return _delivered(chapter, {n: {s: h for s, h in stored[n].items() if s in seeds} or stored[n]
+                                    for n in names if n in stored})
     out_root = runs_dir() / chapter
     trained: dict[str, dict[int, dict]] = {}
     for name in names:
@@ -219,7 +234,7 @@ def train_or_load(chapter: str, names: Sequence[str], *, full: bool, recorded: s
                           command=command, log=lambda _line: None)
             history["meta"]["trained_now"] = True
             trained.setdefault(name, {})[seed] = history
-    return trained
+    return _delivered(chapter, trained)
 
 
 def chapter_data(split: str = "test", data_dir: str | Path | None = None) -> ArrayDataset:

@@ -82,3 +82,14 @@ def test_full_mode_estimate_scales_with_runs_and_is_slower_on_a_t4():
     assert one["basis"] == "measured step-time ratios"
     dense = course.full_mode_estimate(["none", "triple"], model="densenet121")
     assert dense["basis"] == "forward FLOPs relative to ResNet-18" and dense["H100-class minutes"] > 0
+
+
+def test_train_or_load_notes_every_run_it_delivers():
+    del course.DELIVERED_RUNS[:]
+    course.train_or_load("04_cbam", ["none", "cbam"], full=False, recorded="cifar10-h200-r18",
+                         seeds=(0, 1))
+    got = sorted((r["name"], r["seed"], r["trained_now"]) for r in course.DELIVERED_RUNS)
+    assert got == [("cbam", 0, False), ("cbam", 1, False), ("none", 0, False), ("none", 1, False)]
+    assert {r["chapter"] for r in course.DELIVERED_RUNS} == {"04_cbam"}
+    assert all(r["epochs"] == 20 and r["dataset"] == "cifar10" for r in course.DELIVERED_RUNS)
+    del course.DELIVERED_RUNS[:]
