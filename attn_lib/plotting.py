@@ -454,14 +454,15 @@ def plot_gallery(image: np.ndarray, views: Mapping[str, dict], cams: Mapping[str
 __all__ += ["plot_accuracy_vs_cost", "plot_paired_differences", "plot_gallery"]
 
 
-def figure_png(fig, dpi: int = 100) -> bytes:
-    """``fig`` as PNG bytes, and closed: for an ``ipywidgets.Image`` that a widget redraws
-    (an image widget needs no output capture, so it also runs where an ``interact`` that draws
-    a large figure would stall a notebook runner)."""
+def figure_png(fig, dpi: float | None = None) -> bytes:
+    """``fig`` as PNG bytes (trimmed to its contents), and closed: for an ``ipywidgets.Image``
+    that a widget redraws (an image widget needs no output capture, so it also runs where an
+    ``interact`` that draws a large figure would stall a notebook runner). ``dpi``: default
+    matplotlib's."""
     import io
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
 
