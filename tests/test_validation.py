@@ -351,6 +351,8 @@ CHECKER_ARGUMENTS = {
     "channels as a string": (dict(cls=SqueezeExcitation, channels="32"), TypeError,
                              "expected channels as an integer, got str '32'"),
     "reduction zero": (dict(cls=SqueezeExcitation, reduction=0), ValueError, "expected reduction >= 1, got 0"),
+    "a size as True": (dict(cls=SqueezeExcitation, channels=True), TypeError,
+                       "expected channels as an integer, got bool True"),
 }
 
 
@@ -361,7 +363,8 @@ def test_checker_arguments_raise_one_clear_exception(kwargs, error, message):
 
 
 def test_right_checker_arguments_pass():
-    expect_arguments("check_squeeze_excitation", cls=SqueezeExcitation, channels=32, reduction=8, official=True)
+    expect_arguments("check_squeeze_excitation", cls=SqueezeExcitation, channels=32, reduction=8,
+                     flags={"official": True})
     expect_arguments("check_accuracy", fn=lambda logits, target, k: 0.0)
     expect_arguments("check_paired_interval", fn=len, reals={"confidence": 0.9})
     expect_arguments("check_training_step", fn=len, reals={"aux_weight": 0}, flags={"official": False})

@@ -86,8 +86,8 @@ def expect_arguments(checker: str, *, cls=None, fn=None, reals: dict | None = No
     """The arguments every checker takes, checked before any check runs: one clear exception.
 
     ``cls``: a class (or factory) the checker will build, not an instance; ``fn``: a function;
-    ``numbers``: positive integers (``channels=32``; a value that is already a ``bool`` is let
-    through, as a flag); ``reals``: finite real numbers (``confidence=0.95``), within
+    ``numbers``: positive integers (``channels=32``; not ``True``, which Python counts as 1);
+    ``reals``: finite real numbers (``confidence=0.95``), within
     :data:`REAL_RANGES` where their name has a range; ``flags``: ``True`` or ``False``
     (``official=True``). Raises ``TypeError`` for a wrong kind of argument, ``ValueError`` for a
     number out of range, each naming the checker, the argument, what was expected and what came."""
@@ -105,9 +105,7 @@ def expect_arguments(checker: str, *, cls=None, fn=None, reals: dict | None = No
     if fn is not None and not callable(fn):
         raise TypeError(f"{checker}: expected a function, got {type(fn).__name__} {fn!r}")
     for name, value in numbers.items():
-        if isinstance(value, bool):
-            continue
-        if not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{checker}: expected {name} as an integer, got {type(value).__name__} {value!r}")
         if value < 1:
             raise ValueError(f"{checker}: expected {name} >= 1, got {value}")
@@ -158,9 +156,6 @@ def validate_checkers(namespace: dict) -> None:
             first = _params[0].name
             kinds = {"cls": given[first]} if first in _CLASS_PARAMETERS else \
                 {"fn": given[first]} if first in _FUNCTION_PARAMETERS else {}
-            for size in _kinds["int"]:
-                if isinstance(given[size], bool):  # True would pass as the integer 1
-                    raise TypeError(f"{_checker.__name__}: expected {size} as an integer, got bool {given[size]}")
             expect_arguments(_checker.__name__, **kinds, reals={n: given[n] for n in _kinds["float"]},
                              flags={n: given[n] for n in _kinds["bool"]}, **{n: given[n] for n in _kinds["int"]})
             return _checker(*args, **kwargs)
