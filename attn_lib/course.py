@@ -312,6 +312,30 @@ def full_mode_estimate(names: Sequence[str], seeds: Sequence[int] = (0,), epochs
             "basis": "measured step-time ratios" if measured else "forward FLOPs relative to ResNet-18"}
 
 
+def full_mode_note(plan: dict[str, Sequence[int]], model: str = "resnet18", epochs: int | None = None,
+                   train_images: int = 45_000) -> str:
+    """What a chapter's full mode trains and how long that should take, for its training cell.
+
+    ``plan``: ``{attention name: seeds}``, the runs full mode trains. Sums
+    :func:`full_mode_estimate` over them; says plainly that the time is an estimate, not a
+    measurement."""
+    epochs = FULL_MODE_EPOCHS if epochs is None else epochs
+    if not isinstance(plan, dict) or not plan:
+        raise TypeError(f"full_mode_note: expected plan as a dict such as {{'none': (0, 1, 2)}}, "
+                        f"got {_kind(plan)}")
+    parts = [full_mode_estimate([name], seeds, epochs=epochs, train_images=train_images, model=model)
+             for name, seeds in plan.items()]
+    h100, t4 = (sum(p[key] for p in parts) for key in ("H100-class minutes", "T4-class minutes"))
+
+    def minutes(m: float) -> str:
+        return f"about {m:.0f} min" if m >= 1 else "under a minute"
+
+    runs = sum(len(seeds) for seeds in plan.values())
+    return (f"full mode trains {runs} runs of {epochs} epochs; estimated training time (not measured): "
+            f"{minutes(h100)} on an H100-class GPU, {minutes(t4)} on a T4 (Colab's free GPU), plus "
+            f"start-up and evaluation; basis: {parts[0]['basis']}")
+
+
 # ----------------------------------------------------------------------------- costs and timing
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters of ``model`` (all, or only those that require gradients)."""
@@ -412,6 +436,38 @@ def seed_summary(runs: dict, metric: str = "val_top1") -> dict[str, dict]:
         out[name] = {"values": values.tolist(), "seeds": list(by_seed), "n": len(values),
                      "mean": float(np.mean(values)), "std": std}
     return out
+
+
+def seed_comparison(runs: dict, name: str, base: str = "none", metric: str = "val_top1",
+                    confidence: float = 0.95) -> dict:
+    """Can ``name``'s runs be told from ``base``'s (final ``metric``, one value per seed)?
+
+    With several seeds of each: Welch's t-test (``scipy.stats.ttest_ind``, unequal variances),
+    ``{"test": "welch", "statistic", "p_value"}``. With one seed of ``name``: where one more
+    ``base`` seed would land, the ``confidence`` prediction interval from ``base``'s seeds
+    (mean ± t_{n-1} · s · sqrt(1 + 1/n)), ``{"test": "prediction", "value", "low", "high",
+    "inside"}``: one run cannot be tested against a spread of its own that nobody measured.
+    Both carry ``"base"`` and ``"other"``, the :func:`seed_summary` of each.
+    """
+    import numpy as np
+    from scipy import stats
+
+    summary = seed_summary(runs, metric)
+    for key in (name, base):
+        if key not in summary:
+            raise ValueError(f"no runs named {key!r}; expected one of {', '.join(summary)}")
+    b, o = summary[base], summary[name]
+    if b["n"] < 2:
+        raise ValueError(f"{base!r} has {b['n']} seed; a spread needs at least two")
+    out = {"base": b, "other": o}
+    if o["n"] > 1:
+        test = stats.ttest_ind(o["values"], b["values"], equal_var=False)
+        return {**out, "test": "welch", "statistic": float(test.statistic),
+                "p_value": float(test.pvalue)}
+    half = float(stats.t.ppf(0.5 + confidence / 2, b["n"] - 1) * b["std"] * np.sqrt(1 + 1 / b["n"]))
+    value = o["values"][0]
+    return {**out, "test": "prediction", "value": value, "low": b["mean"] - half,
+            "high": b["mean"] + half, "inside": bool(abs(value - b["mean"]) <= half)}
 
 
 def paired_seed_difference(runs: dict, name: str, base: str = "none", metric: str = "val_top1",
@@ -517,6 +573,7 @@ def wrap_command(command: str, width: int = 88, indent: str = "    ") -> str:
     return "\n".join(lines)
 
 
+__all__ += ["seed_comparison", "full_mode_note"]
 __all__ += ["check_shipped_weights", "count_parameters", "final_values", "model_cost",
             "paired_seed_difference", "seed_summary", "step_time_ratios", "wrap_command"]
 

@@ -93,3 +93,45 @@ def test_train_or_load_notes_every_run_it_delivers():
     assert {r["chapter"] for r in course.DELIVERED_RUNS} == {"04_cbam"}
     assert all(r["epochs"] == 20 and r["dataset"] == "cifar10" for r in course.DELIVERED_RUNS)
     del course.DELIVERED_RUNS[:]
+
+
+def _runs_with(values: dict[str, list[float]]) -> dict:
+    return {name: {seed: {"epochs": [{"val_top1": v}]} for seed, v in enumerate(vals)}
+            for name, vals in values.items()}
+
+
+def test_seed_comparison_one_seed_gets_the_prediction_interval_written_out():
+    import math
+
+    from scipy import stats
+
+    plain = [92.66, 93.06, 92.80]
+    got = course.seed_comparison(_runs_with({"none": plain, "dia": [91.94]}), "dia")
+    n, mean, sd = 3, sum(plain) / 3, stats.tstd(plain)
+    half = stats.t.ppf(0.975, n - 1) * sd * math.sqrt(1 + 1 / n)   # one more plain seed
+    assert got["test"] == "prediction" and got["value"] == 91.94
+    assert got["low"] == pytest.approx(mean - half) and got["high"] == pytest.approx(mean + half)
+    assert got["inside"] is bool(mean - half <= 91.94 <= mean + half)
+    assert course.seed_comparison(_runs_with({"none": plain, "x": [95.0]}), "x")["inside"] is False
+
+
+def test_seed_comparison_several_seeds_is_welch_and_one_base_seed_is_refused():
+    from scipy import stats
+
+    a, b = [92.66, 93.06, 92.80], [92.1, 92.4, 91.9]
+    got = course.seed_comparison(_runs_with({"none": a, "se": b}), "se")
+    want = stats.ttest_ind(b, a, equal_var=False)
+    assert got["test"] == "welch" and got["p_value"] == pytest.approx(want.pvalue)
+    with pytest.raises(ValueError, match="at least two"):
+        course.seed_comparison(_runs_with({"none": [92.0], "se": b}), "se")
+
+
+def test_full_mode_note_sums_the_plan_and_says_it_is_an_estimate():
+    plan = {"none": (0, 1, 2), "se": (0,)}
+    note = course.full_mode_note(plan)
+    parts = [course.full_mode_estimate([n], s) for n, s in plan.items()]
+    t4 = sum(p["T4-class minutes"] for p in parts)
+    assert note.startswith("full mode trains 4 runs of 20 epochs; estimated training time (not measured)")
+    assert f"about {t4:.0f} min on a T4" in note
+    with pytest.raises(TypeError, match="expected plan as a dict"):
+        course.full_mode_note(["none"])
