@@ -510,7 +510,7 @@ def check_shipped_weights(model: torch.nn.Module, history: dict, test_set, margi
     top-two logit margin is below its rounding (about 1e-3); so the recomputed accuracy may differ
     from the recorded one by at most the share of images whose margin is below ``margin``
     (1e-2, ten times that rounding). Returns the recomputed accuracy on that subset, the allowed
-    difference and, when ``test_set`` holds more images (the full 10,000), the accuracy on all of
+    difference, the predicted classes (``"predicted"``, for a paired comparison) and, when ``test_set`` holds more images (the full 10,000), the accuracy on all of
     them (no recorded figure to compare with). Raises ``AssertionError`` beyond the tolerance.
     """
     from .data import GPULoader
@@ -539,7 +539,7 @@ def check_shipped_weights(model: torch.nn.Module, history: dict, test_set, margi
     recorded = float(history["epochs"][-1]["test_top1"])
     allowed = 100.0 * fragile / n
     report = {"images": n, "recomputed": recomputed, "recorded": recorded, "fragile": fragile,
-              "allowed": allowed, "full": None}
+              "allowed": allowed, "predicted": logits.argmax(1), "full": None}
     if len(test_set) > n:
         full_logits, full_labels = logits_of(test_set)
         report["full"] = {"images": len(test_set),

@@ -117,6 +117,7 @@ def test_check_shipped_weights_tolerates_exactly_the_images_with_a_small_margin(
                                           batch_size=4)
     assert report["recomputed"] == 90.0 and report["fragile"] == 1 and report["allowed"] == 10.0
     assert report["full"] is None
+    assert report["predicted"].tolist() == [wrong_by_a_hair] + data.y[1:].tolist()
     logits[0, wrong_by_a_hair] = 6.0  # now wrong by a wide margin: not a rounding effect
     with pytest.raises(AssertionError, match="float16"):
         course.check_shipped_weights(FixedLogits(data, logits), _recorded_run(None, data, 100.0), data)
